@@ -1,0 +1,54 @@
+"""Dense bit packing of 1-8 bit codes: n codes of b bits take ceil(n*b/8) bytes.
+
+Bits are laid out least-significant first, code after code, with no padding
+between codes (3-bit codes straddle byte boundaries). numpy's packbits does
+the byte assembly in C.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    _check_bits(bits)
+    return (count * bits + 7) // 8
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes (any integer dtype, values in [0, 2^bits)) into uint8."""
+    _check_bits(bits)
+    flat = codes.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
+        raise ValueError(
+            f"pack_bits: codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing, "
+            f"got range [{int(flat.min())}, {int(flat.max())}]"
+        )
+    arr = flat.to(torch.uint8).cpu().numpy()
+    if bits == 8:
+        return torch.from_numpy(arr.copy())
+    shifts = np.arange(bits, dtype=np.uint8)
+    bitplanes = ((arr[:, None] >> shifts) & 1).astype(np.uint8)
+    return torch.from_numpy(np.packbits(bitplanes.reshape(-1), bitorder="little"))
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of pack_bits: the first `count` codes as uint8."""
+    _check_bits(bits)
+    need = packed_nbytes(count, bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
+        raise ValueError(
+            f"unpack_bits: expected a 1-D uint8 tensor of {need} bytes for {count} "
+            f"{bits}-bit codes, got {tuple(packed.shape)} {packed.dtype}"
+        )
+    arr = packed.cpu().numpy()
+    if bits == 8:
+        return torch.from_numpy(arr.copy())
+    planes = np.unpackbits(arr, count=count * bits, bitorder="little").reshape(count, bits)
+    weights = (1 << np.arange(bits)).astype(np.uint8)
+    return torch.from_numpy((planes * weights).sum(axis=1, dtype=np.uint8))
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bit width must be an integer in 1..8, got {bits!r}")

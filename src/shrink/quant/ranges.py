@@ -1,0 +1,133 @@
+"""Choosing a block's clipping range, and turning a range into (scale, zero-point).
+
+Range estimators work on blocks [rows, groups, group_size] (NaN = padding)
+and return (lo, hi) of shape [rows, groups, 1] with lo <= 0 <= hi: the range
+always contains zero, so zero is exactly representable and the integer
+zero-point lies inside the code range (as in PyTorch's observers and GPTQ).
+"""
+from __future__ import annotations
+
+import torch
+
+from shrink.formats import CodebookFormat, FloatFormat, IntFormat
+from shrink.quant.core import decode, encode
+from shrink.quant.spec import QuantSpec
+
+Range = tuple[torch.Tensor, torch.Tensor]
+
+
+def minmax_range(blocks: torch.Tensor) -> Range:
+    x = blocks.nan_to_num(0.0)
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    return lo, hi
+
+
+def percentile_range(blocks: torch.Tensor, percentile: float = 99.99) -> Range:
+    """Clip to the given percentile of each block (and 100 - p below).
+
+    Linear interpolation between order statistics, as numpy's default; NaN
+    padding sorts last and is excluded from the count.
+    """
+    if not 50.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+    s = torch.sort(blocks.to(torch.float64), dim=-1).values  # NaN sorts to the end
+    n = (~torch.isnan(blocks)).sum(dim=-1, keepdim=True).clamp(min=1)
+
+    def at(q: float) -> torch.Tensor:
+        pos = (n - 1).to(torch.float64) * q
+        i0 = pos.floor().long()
+        i1 = torch.minimum(i0 + 1, n - 1)
+        frac = pos - i0
+        v0, v1 = s.gather(-1, i0), s.gather(-1, i1)
+        return v0 + (v1 - v0) * frac
+
+    p = percentile / 100.0
+    lo = at(1.0 - p).clamp(max=0).to(blocks.dtype)
+    hi = at(p).clamp(min=0).to(blocks.dtype)
+    return lo, hi
+
+
+def round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast to `dtype`, rounding up, so a stored scale never shrinks the range."""
+    y = x.to(dtype)
+    low = y.to(x.dtype) < x
+    if low.any():
+        y = torch.where(low, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+    return y
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, grid) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(lo, hi) -> (scale, zero_point) as stored (spec.scale_dtype).
+
+    int symmetric:  scale = absmax / qmax   (full range: absmax / (levels / 2), as torch)
+    int asymmetric: scale = (hi - lo) / (qmax - qmin), zp = qmin - round(lo / scale)
+    nf4:            scale = absmax          (table spans [-1, 1])
+    fp8:            scale = absmax / max finite value
+    A block of zeros gets scale 1 (any scale is exact there).
+    """
+    lo32, hi32 = lo.to(torch.float32), hi.to(torch.float32)
+    absmax = torch.maximum(-lo32, hi32)
+    if isinstance(grid, IntFormat):
+        if spec.symmetric:
+            denom = grid.levels / 2 if grid.full_range else grid.qmax
+            scale = absmax / denom
+        else:
+            scale = (hi32 - lo32) / (grid.qmax - grid.qmin)
+    elif isinstance(grid, CodebookFormat):
+        scale = absmax / float(grid.values.abs().max())
+    elif isinstance(grid, FloatFormat):
+        scale = absmax / grid.max_value
+    else:  # pragma: no cover - QuantSpec admits no other grid
+        raise TypeError(f"no scale rule for {grid!r}")
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    stored = round_up_to(scale, spec.scale_dtype)
+    if torch.isinf(stored).any():
+        raise ValueError(
+            f"a scale of {float(scale.max()):.4g} overflows {spec.scale_dtype}; "
+            "use QuantSpec(scale_dtype=torch.float32) for tensors with values this large"
+        )
+    zero = torch.zeros((), dtype=spec.scale_dtype)
+    stored = torch.maximum(stored, torch.nextafter(zero, torch.ones_like(zero)))  # smallest positive
+    if not spec.has_zero_point:
+        return stored, None
+    s = stored.to(torch.float32)
+    zp = (grid.qmin - torch.round(lo32 / s)).clamp(grid.qmin, grid.qmax)
+    return stored, zp.to(spec.scale_dtype)
+
+
+def mse_range(
+    blocks: torch.Tensor,
+    spec: QuantSpec,
+    grid,
+    *,
+    grid_points: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.0,
+) -> Range:
+    """Per block, the shrunken min/max range that minimises sum |x - x_hat|^norm.
+
+    Candidates are f * (lo, hi) for f = 1, 1 - 1/grid_points, ..., 1 - max_shrink.
+    f = 1 is the min/max range itself, so the chosen error is never above
+    min/max's. Each candidate is scored with the exact stored parameters
+    (rounded scale, integer zero-point) that quantization will use.
+    """
+    if not 0.0 <= max_shrink < 1.0 or grid_points < 1:
+        raise ValueError("mse_range: need grid_points >= 1 and 0 <= max_shrink < 1")
+    lo0, hi0 = minmax_range(blocks)
+    x = blocks.to(torch.float32)
+    valid = ~torch.isnan(x)
+    best_err = torch.full_like(lo0, float("inf"), dtype=torch.float64)
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    steps = int(max_shrink * grid_points)
+    for i in range(steps + 1):
+        f = 1.0 - i / grid_points
+        lo, hi = lo0 * f, hi0 * f
+        scale, zp = qparams_from_range(lo, hi, spec, grid)
+        err = (decode(encode(x, scale, zp, grid), scale, zp, grid) - x).abs().pow(norm)
+        err = torch.where(valid, err, torch.zeros_like(err)).to(torch.float64).sum(dim=-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo, best_lo)
+        best_hi = torch.where(better, hi, best_hi)
+    return best_lo, best_hi
