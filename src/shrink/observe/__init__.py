@@ -1,0 +1,7 @@
+"""Calibration observers: statistics over batches -> clipping ranges -> (scale, zero-point)."""
+from shrink.observe.base import Observer
+from shrink.observe.minmax import MinMaxObserver, MovingAverageMinMaxObserver
+from shrink.observe.mse import MSEObserver
+from shrink.observe.percentile import PercentileObserver
+
+__all__ = ["MSEObserver", "MinMaxObserver", "MovingAverageMinMaxObserver", "Observer", "PercentileObserver"]

@@ -1,0 +1,5 @@
+import sys
+
+from shrink.cli import main
+
+sys.exit(main())
