@@ -27,9 +27,9 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     arr = flat.to(torch.uint8).cpu().numpy()
     if bits == 8:
         return torch.from_numpy(arr.copy())
-    shifts = np.arange(bits, dtype=np.uint8)
-    bitplanes = ((arr[:, None] >> shifts) & 1).astype(np.uint8)
-    return torch.from_numpy(np.packbits(bitplanes.reshape(-1), bitorder="little"))
+    # each code's low `bits` bits, least significant first, then all bits in a row
+    planes = np.unpackbits(arr[:, None], axis=1, count=bits, bitorder="little")
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -45,8 +45,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if bits == 8:
         return torch.from_numpy(arr.copy())
     planes = np.unpackbits(arr, count=count * bits, bitorder="little").reshape(count, bits)
-    weights = (1 << np.arange(bits)).astype(np.uint8)
-    return torch.from_numpy((planes * weights).sum(axis=1, dtype=np.uint8))
+    # reassemble each code from its bit row (packbits zero-fills the missing high bits)
+    return torch.from_numpy(np.packbits(planes, axis=1, bitorder="little").reshape(count))
 
 
 def _check_bits(bits: int) -> None:
