@@ -1,0 +1,4 @@
+"""Compression algorithms: pure functions, tensors in -> tensors (or codes) out."""
+from shrink.algos.kmeans import KMeansResult, kmeans
+
+__all__ = ["KMeansResult", "kmeans"]

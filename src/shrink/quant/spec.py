@@ -35,6 +35,7 @@ class QuantSpec:
     full_range   symmetric int: use -2^(b-1) too (default restricted, zero exact)
     scale_dtype  how scales and zero-points are stored (fp16 by default)
     codebook     the table for format="codebook" (values, no scale)
+    codebook_dtype  how that table is stored (fp32 by default, as Deep Compression)
     """
 
     bits: int | None = None
@@ -46,6 +47,7 @@ class QuantSpec:
     full_range: bool = False
     scale_dtype: torch.dtype = torch.float16
     codebook: tuple[float, ...] | None = field(default=None)
+    codebook_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -84,6 +86,8 @@ class QuantSpec:
             if self.granularity != "tensor":
                 raise ValueError("QuantSpec: format='codebook' uses one table per tensor (granularity='tensor')")
             object.__setattr__(self, "codebook", tuple(float(v) for v in self.codebook))
+            if self.codebook_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise ValueError(f"QuantSpec.codebook_dtype must be float16, bfloat16 or float32, got {self.codebook_dtype!r}")
         elif self.codebook is not None:
             raise ValueError("QuantSpec.codebook is only used with format='codebook'")
 
@@ -102,7 +106,7 @@ class QuantSpec:
         if self.format == "nf4":
             return NF4
         if self.format == "codebook":
-            return CodebookFormat(torch.tensor(self.codebook, dtype=torch.float64))
+            return CodebookFormat(torch.tensor(self.codebook, dtype=torch.float64), table_dtype=self.codebook_dtype)
         return FLOAT_FORMATS[self.format]
 
     def with_(self, **changes) -> "QuantSpec":

@@ -1,0 +1,65 @@
+"""The command line: exit statuses, --json purity, and the demo's real figures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shrink import __version__
+
+
+def shrink(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "shrink", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_version_and_help():
+    r = shrink("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"shrink {__version__}"
+    r = shrink("demo", "--help")
+    assert r.returncode == 0 and "-o" in r.stdout
+
+
+def test_unknown_command_is_a_user_error():
+    r = shrink("frobnicate")
+    assert r.returncode == 2
+    assert "invalid choice" in r.stderr
+    r = shrink()
+    assert r.returncode == 2
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    r = shrink("demo", "-o", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), out  # stdout is exactly one JSON document
+
+
+def test_demo_writes_the_same_json_it_prints(demo):
+    doc, out = demo
+    assert json.loads((out / "demo.json").read_text()) == doc
+    assert not list(out.glob(".*.tmp"))  # atomic write left no temporary behind
+
+
+def test_demo_figures_are_consistent(demo):
+    doc, _ = demo
+    by = {r["format"]: r for r in doc["results"]}
+    params = by["fp16"]["summary"]["params"]
+    assert doc["matrices"] == 37 and params == 10_764_288  # MiniLM: 6 x (4 x 384^2 + 2 x 384 x 1536) + pooler 384^2
+    # fp16/bf16 store exactly 2 bytes a weight
+    assert by["fp16"]["summary"]["bytes_stored"] == 2 * params
+    # int8 per channel: 1 byte a weight + one fp16 scale per output row
+    rows = sum(l["shape"][0] for l in by["int8 per-channel"]["layers"])
+    assert by["int8 per-channel"]["summary"]["bytes_stored"] == params + 2 * rows
+    # int4-g128 asymmetric: half a byte + (scale, zero) fp16 per 128 weights (384/1536 are multiples of 128)
+    assert by["int4-g128 minmax"]["summary"]["bytes_stored"] == params // 2 + 4 * (params // 128)
+    # quality ordering that must hold on real weights
+    s = {k: v["summary"]["sqnr_db_mean"] for k, v in by.items()}
+    assert s["fp16"] > s["int8 per-channel"] > s["int4-g128 minmax"] > s["int3-g128 mse"]
+    assert s["int4-g128 mse"] >= s["int4-g128 minmax"]
+    assert s["int8 per-channel"] > 35.0
+    for r in doc["results"]:
+        for layer in r["layers"]:
+            assert layer["bytes_stored"] > 0 and layer["rel_rmse"] < 0.5
