@@ -18,6 +18,8 @@ def packed_nbytes(count: int, bits: int) -> int:
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (any integer dtype, values in [0, 2^bits)) into uint8."""
     _check_bits(bits)
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise TypeError(f"pack_bits: codes must be an integer tensor, got {codes.dtype}")
     flat = codes.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
         raise ValueError(

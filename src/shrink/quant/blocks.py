@@ -23,6 +23,7 @@ class BlockLayout:
     rows: int
     groups: int
     group_size: int
+    kind: str = "tensor"   # the spec's granularity: decides the natural parameter shape
 
     @property
     def inner(self) -> int:
@@ -36,9 +37,9 @@ class BlockLayout:
     @property
     def param_shape(self) -> tuple[int, ...]:
         """Natural shape of scales: () per tensor, (C,) per channel, (C, G) per group."""
-        if self.rows == 1 and self.groups == 1 and self.axis == -1:
+        if self.kind == "tensor":
             return ()
-        if self.groups == 1:
+        if self.kind == "channel":
             return (self.rows,)
         return (self.rows, self.groups)
 
@@ -91,10 +92,10 @@ def layout_for(shape: torch.Size, spec: QuantSpec) -> BlockLayout:
     rows = shape[axis]
     inner = n // rows if rows else 0
     if spec.granularity == "channel":
-        return BlockLayout(shape, axis, rows, 1, inner)
+        return BlockLayout(shape, axis, rows, 1, inner, "channel")
     g = spec.group_size
     groups = max(1, -(-inner // g))
-    return BlockLayout(shape, axis, rows, groups, g)
+    return BlockLayout(shape, axis, rows, groups, g, "group")
 
 
 def _prod(shape) -> int:

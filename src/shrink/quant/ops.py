@@ -36,13 +36,22 @@ def _params(x_blocks: torch.Tensor, spec: QuantSpec, grid, lay: BlockLayout, obs
             raise ValueError(f"format {spec.format!r} has no scale or zero-point; do not pass them")
         return None, None
     if scale is not None:
+        if observer_kwargs:
+            raise ValueError(f"observer options {sorted(observer_kwargs)} do nothing with an explicit scale=")
         s = lay.params_as_blocks(scale, "scale")
         if not torch.isfinite(s.to(torch.float64)).all() or (s <= 0).any():
             raise ValueError("scale must be finite and positive")
+        if (s.to(torch.float64) < torch.finfo(torch.float32).tiny).any():
+            raise ValueError(
+                f"scale below {torch.finfo(torch.float32).tiny:.3g} (the smallest normal float32) "
+                "would make 1/scale infinite; use a larger scale"
+            )
         if spec.has_zero_point:
             if zero_point is None:
                 raise ValueError("an asymmetric spec needs zero_point= alongside scale=")
             zp = lay.params_as_blocks(zero_point, "zero_point")
+            if not torch.isfinite(zp.to(torch.float64)).all():
+                raise ValueError("zero_point must be finite")
         else:
             if zero_point is not None and bool(torch.as_tensor(zero_point).ne(0).any()):
                 raise ValueError("a symmetric spec has no zero-point; pass zero_point=None or zeros")
@@ -51,6 +60,10 @@ def _params(x_blocks: torch.Tensor, spec: QuantSpec, grid, lay: BlockLayout, obs
     if zero_point is not None:
         raise ValueError("zero_point= given without scale=; pass both or neither")
     if observer == "minmax":
+        if observer_kwargs:
+            raise ValueError(
+                f"observer options {sorted(observer_kwargs)} need observer='percentile' or 'mse', not 'minmax'"
+            )
         lo, hi = minmax_range(x_blocks)
     elif observer == "percentile":
         lo, hi = percentile_range(x_blocks, **observer_kwargs)
@@ -148,6 +161,8 @@ def fake_quantize(
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     check_finite(x.detach(), "fake_quantize: input")
+    if x.numel() == 0:
+        raise ValueError(f"fake_quantize: input of shape {tuple(x.shape)} is empty; nothing to quantize")
     grid = spec.grid()
     lay = layout_for(x.shape, spec)
     with torch.no_grad():

@@ -70,14 +70,14 @@ class QTensor:
             codes = self.grid.from_unsigned(stored)
         else:
             codes = stored.to(torch.int32)
-        return lay.from_blocks(codes.reshape(lay.rows, lay.inner))
+        return lay.from_blocks(codes.reshape(lay.rows, lay.inner)).contiguous()
 
     def dequantize(self) -> torch.Tensor:
         lay = self.layout
         scale = None if self.scale is None else lay.params_as_blocks(self.scale, "scale")
         zp = None if self.zero_point is None else lay.params_as_blocks(self.zero_point, "zero_point")
         values = decode(self._codes_in_blocks(), scale, zp, self.grid)
-        return lay.from_blocks(values).to(self.dtype)
+        return lay.from_blocks(values).to(self.dtype).contiguous()
 
     @property
     def nbytes(self) -> int:

@@ -48,6 +48,15 @@ def percentile_range(blocks: torch.Tensor, percentile: float = 99.99) -> Range:
     return lo, hi
 
 
+def min_scale(dtype: torch.dtype) -> torch.Tensor:
+    """The smallest scale kept: positive in `dtype` and with 1/scale finite in float32
+    (the arithmetic runs in float32, as PyTorch's kernels do)."""
+    zero = torch.zeros((), dtype=dtype)
+    smallest = torch.nextafter(zero, torch.ones_like(zero))
+    floor = torch.tensor(torch.finfo(torch.float32).tiny, dtype=torch.float64)
+    return torch.maximum(smallest.to(torch.float64), floor).to(dtype)
+
+
 def round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cast to `dtype`, rounding up, so a stored scale never shrinks the range."""
     y = x.to(dtype)
@@ -60,7 +69,7 @@ def round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, grid) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(lo, hi) -> (scale, zero_point) as stored (spec.scale_dtype).
 
-    int symmetric:  scale = absmax / qmax   (full range: absmax / (levels / 2), as torch)
+    int symmetric:  scale = absmax / qmax   (full range: absmax / ((qmax - qmin) / 2), as torch)
     int asymmetric: scale = (hi - lo) / (qmax - qmin), zp = qmin - round(lo / scale)
     nf4:            scale = absmax          (table spans [-1, 1])
     fp8:            scale = absmax / max finite value
@@ -70,7 +79,7 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, grid
     absmax = torch.maximum(-lo32, hi32)
     if isinstance(grid, IntFormat):
         if spec.symmetric:
-            denom = grid.levels / 2 if grid.full_range else grid.qmax
+            denom = (grid.qmax - grid.qmin) / 2 if grid.full_range else grid.qmax
             scale = absmax / denom
         else:
             scale = (hi32 - lo32) / (grid.qmax - grid.qmin)
@@ -87,8 +96,7 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, grid
             f"a scale of {float(scale.max()):.4g} overflows {spec.scale_dtype}; "
             "use QuantSpec(scale_dtype=torch.float32) for tensors with values this large"
         )
-    zero = torch.zeros((), dtype=spec.scale_dtype)
-    stored = torch.maximum(stored, torch.nextafter(zero, torch.ones_like(zero)))  # smallest positive
+    stored = torch.maximum(stored, min_scale(spec.scale_dtype))
     if not spec.has_zero_point:
         return stored, None
     s = stored.to(torch.float32)
