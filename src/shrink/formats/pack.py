@@ -26,9 +26,17 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
             f"pack_bits: codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing, "
             f"got range [{int(flat.min())}, {int(flat.max())}]"
         )
-    arr = flat.to(torch.uint8).cpu().numpy()
     if bits == 8:
-        return torch.from_numpy(arr.copy())
+        return flat.to(torch.uint8).cpu().clone()
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, shifts in torch
+        per = 8 // bits
+        c = flat.to(torch.uint8).cpu()
+        pad = (-c.numel()) % per
+        if pad:
+            c = torch.cat([c, c.new_zeros(pad)])
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        return (c.view(-1, per) << shifts).sum(dim=1, dtype=torch.uint8)
+    arr = flat.to(torch.uint8).cpu().numpy()
     # each code's low `bits` bits, least significant first, then all bits in a row
     planes = np.unpackbits(arr[:, None], axis=1, count=bits, bitorder="little")
     return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
@@ -43,9 +51,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
             f"unpack_bits: expected a 1-D uint8 tensor of {need} bytes for {count} "
             f"{bits}-bit codes, got {tuple(packed.shape)} {packed.dtype}"
         )
-    arr = packed.cpu().numpy()
     if bits == 8:
-        return torch.from_numpy(arr.copy())
+        return packed.cpu().clone()
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        mask = (1 << bits) - 1
+        return ((packed.cpu()[:, None] >> shifts) & mask).reshape(-1)[:count]
+    arr = packed.cpu().numpy()
     planes = np.unpackbits(arr, count=count * bits, bitorder="little").reshape(count, bits)
     # reassemble each code from its bit row (packbits zero-fills the missing high bits)
     return torch.from_numpy(np.packbits(planes, axis=1, bitorder="little").reshape(count))

@@ -19,6 +19,8 @@ def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
 
 def scaled_int(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None) -> torch.Tensor:
     """fma(x, 1/scale, zp) rounded once to float32 (before rounding to integers)."""
+    if zp is None:  # no addend: the float32 product is already the once-rounded result
+        return x.to(torch.float32) * inverse_scale(scale)
     inv = inverse_scale(scale).to(torch.float64)
     y = x.to(torch.float32).to(torch.float64) * inv
     if zp is not None:
@@ -27,7 +29,8 @@ def scaled_int(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None) ->
 
 
 def encode(x: torch.Tensor, scale: torch.Tensor | None, zp: torch.Tensor | None, grid) -> torch.Tensor:
-    x = x.nan_to_num(0.0)  # padding only: real NaN is refused before this
+    if x.is_floating_point() and torch.isnan(x).any():
+        x = x.nan_to_num(0.0)  # padding only: real NaN is refused before this
     if isinstance(grid, IntFormat):
         return grid.encode(scaled_int(x, scale, zp))
     if scale is not None:
