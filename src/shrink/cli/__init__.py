@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from shrink import __version__
-from shrink.cli import demo
+from shrink.cli import demo, plan
 
-COMMANDS = {"demo": demo}
+COMMANDS = {"plan": plan, "demo": demo}
 
 
 class UserError(Exception):
