@@ -43,6 +43,14 @@ def test_demo_writes_the_same_json_it_prints(demo):
     assert not list(out.glob(".*.tmp"))  # atomic write left no temporary behind
 
 
+def test_demo_plans_come_first(demo):
+    doc, _ = demo
+    assert [p["model"]["name"] for p in doc["plans"]] == ["minilm", "llama-2-7b"]
+    minilm = doc["plans"][0]
+    assert minilm["model"]["params"] == 22_713_216  # the packaged config.json's exact count
+    assert minilm["recommendation"]["format"] == "int8"
+
+
 def test_demo_figures_are_consistent(demo):
     doc, _ = demo
     by = {r["format"]: r for r in doc["results"]}

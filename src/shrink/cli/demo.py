@@ -1,7 +1,8 @@
 """`shrink demo`: the journey on built-in models, as far as shrink goes today.
 
-Now: quantize every weight matrix of the pretrained MiniLM in each number
-format and report stored bytes, compression and reconstruction quality.
+Now: plan (MiniLM on a Raspberry Pi 5, Llama-2-7B on an RTX 4090), then
+quantize every weight matrix of the pretrained MiniLM in each number format
+and report stored bytes, compression and reconstruction quality.
 """
 from __future__ import annotations
 
@@ -35,7 +36,21 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
 
+PLANS = [("minilm", "raspberry-pi-5", 512), ("llama-2-7b", "rtx-4090", 4096)]
+
+
 def run(args) -> int:
+    from shrink.cli.render_plan import render
+    from shrink.plan.planner import build_plan
+
+    plans = []
+    for model, device, ctx in PLANS:
+        plan = build_plan(model, device=device, context=ctx,
+                          formats=["fp32", "fp16", "int8", "int4-g128", "nf4-g64", "int3-g128"])
+        plans.append(plan.to_json())
+        if not args.json:
+            render(plan)
+            print()
     path = minilm_dir() / "model.safetensors"
     weights = [(k, v) for k, v in read_safetensors(path).items() if v.dim() == 2 and "embeddings" not in k]
     rows = []
@@ -46,7 +61,7 @@ def run(args) -> int:
         rows.append({"format": label, "spec": name, "observer": observer,
                      "summary": summarize(layers), "layers": [l.to_dict() for l in layers]})
     rows += _kmeans_rows(weights)
-    doc = {"model": "minilm", "source": str(path), "matrices": len(weights), "results": rows}
+    doc = {"plans": plans, "model": "minilm", "source": str(path), "matrices": len(weights), "results": rows}
     if args.output:
         write_json_atomic(Path(args.output) / "demo.json", _jsonable(doc))
     if args.json:
