@@ -52,9 +52,19 @@ class Plan:
     formats: list[FormatPlan]
     recommendation: dict | None
     derivations: dict[str, str] = field(default_factory=dict)
+    # every format evaluated: the listed ones plus the defaults the recommendation reasons about
+    candidates: list[FormatPlan] = field(default_factory=list)
 
     def format(self, name: str) -> FormatPlan:
+        """A listed format's figures (KeyError for one not asked for)."""
         for f in self.formats:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def candidate(self, name: str) -> FormatPlan:
+        """Any evaluated format, listed or not."""
+        for f in self.candidates:
             if f.name == name:
                 return f
         raise KeyError(name)
@@ -82,11 +92,11 @@ def build_plan(model=None, *, params=None, device: str | Device | None = None, m
     kvf = kv_format.lower()
     if kvf not in KV_BYTES:
         raise ValueError(f"--kv-format {kv_format!r} is not one of {', '.join(KV_BYTES)}")
+    if isinstance(formats, str):
+        formats = [formats]
     names = list(dict.fromkeys(f.lower() for f in (formats or DEFAULT_FORMATS)))
-    if "fp16" not in names:
-        names_all = names + ["fp16"]  # compression is measured against fp16
-    else:
-        names_all = names
+    # fp16 is the baseline for compression; the defaults are what the recommendation weighs
+    names_all = list(dict.fromkeys(names + ["fp16"] + list(DEFAULT_FORMATS)))
     infos = [format_info(n) for n in names_all]
     d: dict[str, str] = {}
     _derive_params(info, d)
@@ -98,13 +108,15 @@ def build_plan(model=None, *, params=None, device: str | Device | None = None, m
         usable = int(dev.memory_bytes * (1 - RESERVE))
         d["usable_bytes"] = (f"{_gbi(dev.memory_bytes)} on {dev.name} x (1 - {RESERVE:.0%} runtime reserve) "
                              f"= {_gbi(usable)}")
-    weights = {f.name: _weight_bytes(info, f, d) for f in infos}
+    scratch: dict[str, str] = {}  # derivations of formats not listed are not shown
+    weights = {f.name: _weight_bytes(info, f, d if f.name in names else scratch) for f in infos}
     fp16_bytes = weights["fp16"]
-    plans = [_format_plan(info, f, weights[f.name], fp16_bytes, kv, act, usable, dev, b, d)
-             for f in infos if f.name in names]
-    plan = Plan(info, dev, ctx, b, kvf, act, usable, plans, None, d)
+    every = [_format_plan(info, f, weights[f.name], fp16_bytes, kv, act, usable, dev, b,
+                          d if f.name in names else scratch) for f in infos]
+    plans = [f for f in every if f.name in names]
+    plan = Plan(info, dev, ctx, b, kvf, act, usable, plans, None, d, every)
     rec = recommend(plan, max_drop=max_drop, can_train=can_train)
-    return Plan(info, dev, ctx, b, kvf, act, usable, plans, rec, d)
+    return Plan(info, dev, ctx, b, kvf, act, usable, plans, rec, d, every)
 
 
 def _device(device, memory, bandwidth) -> Device | None:
@@ -193,7 +205,8 @@ def _format_plan(info, f: FormatInfo, w: int, fp16: int, kv: int, act: int, usab
         mem_tps = b * bw / step
         flops_tok = decode_flops_per_token(info.params)
         intensity = b * flops_tok / step
-        peak = dev.peak(f.compute) or (dev.peak("fp16") if f.compute != "fp16" else None)
+        # weight-only formats run their matmuls in fp16; a device without fp16 units in fp32
+        peak = next((p for p in (dev.peak(c) for c in (f.compute, "fp16", "bf16", "fp32")) if p), None)
         line = (f"each decode step reads the weights once and the KV cache once ({_gb(w)} + {_gb(kv)}) "
                 f"and yields {b} token(s): {b} x {bw / 1e9:,.1f} GB/s / {_gb(step)} = {mem_tps:,.1f} tokens/s")
         tps = mem_tps

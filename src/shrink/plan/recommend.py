@@ -10,6 +10,8 @@ cheat-sheet ranges, not measurements of this model.
 """
 from __future__ import annotations
 
+from .numbers import format_bytes
+
 TIER_ADVICE = {
     "server": "server tier: quantize if possible (seed 004)",
     "desktop": "workstation GPU: int8 if it fits, else INT4 GPTQ/AWQ (seed 001 decision tree)",
@@ -22,10 +24,10 @@ INT4 = ("int4-g128", "nf4-g64", "int4")
 
 def recommend(plan, *, max_drop: float = 1.0, can_train: bool = False) -> dict | None:
     """None without a device memory to fit into."""
-    if plan.usable_bytes is None:
-        return None
     if not 0 < max_drop <= 100:
         raise ValueError(f"--max-drop must be a percentage in (0, 100], got {max_drop}")
+    if plan.usable_bytes is None:
+        return None
     fits = {f.name: f for f in plan.formats if f.fits}
     why: list[str] = []
     tier = plan.device.tier
@@ -33,10 +35,10 @@ def recommend(plan, *, max_drop: float = 1.0, can_train: bool = False) -> dict |
         why.append(TIER_ADVICE[tier])
 
     def fit_line(name: str) -> str:
-        f = plan.format(name)
+        f = plan.candidate(name)
         spare = plan.usable_bytes - f.total_bytes
         tps = f"; decode bound {f.decode_tokens_per_s_bound:,.0f} tokens/s" if f.decode_tokens_per_s_bound else ""
-        return f"{name}: {f.total_bytes / 1e9:.2f} GB with KV cache and activations, {spare / 1e9:.2f} GB to spare{tps}"
+        return f"{name}: {_b(f.total_bytes)} with KV cache and activations, {_b(spare)} to spare{tps}"
 
     if tier == "mcu":
         return _shrink_architecture(plan, why, can_train, mcu=True)
@@ -49,13 +51,13 @@ def recommend(plan, *, max_drop: float = 1.0, can_train: bool = False) -> dict |
         if "fp16" in fits:
             why.append("fp16 fits too, but int8 halves the bytes each decode step reads: up to 2x faster decoding")
         why.append("INT8 PTQ typically costs 0.1-0.5% accuracy (seed 001 cheat sheet)")
-        compute = plan.format("int8").bound == "compute"
+        compute = plan.candidate("int8").bound == "compute"
         if compute:
             why.append(f"at batch {plan.batch} decoding is compute-bound: W8A8 (SmoothQuant) uses the int8 units")
         return {"format": "int8", "recipe": "w8a8-smoothquant" if compute else "int8", "why": why}
     four = next((n for n in INT4 if n in fits), None)
     if four is not None:
-        why += [fit_line(four), "int8 does not fit: " + _short_line(plan, "int8")]
+        why += [fit_line(four), _short_line(plan, "int8", "int8 does not fit")]
         if can_train and max_drop < 1.0:
             why.append("training compute available and a tight accuracy budget: QAT recovers 0.5-1% over PTQ (seed 001)")
             return {"format": four, "recipe": "qat-int4", "why": why}
@@ -66,7 +68,7 @@ def recommend(plan, *, max_drop: float = 1.0, can_train: bool = False) -> dict |
         return {"format": four, "recipe": "w4-gptq", "why": why}
     low = next((n for n in ("int3-g128", "int2-g64") if n in fits), None)
     if low is not None and not can_train:
-        why += [fit_line(low), "no 4-bit format fits: " + _short_line(plan, INT4[0]),
+        why += [fit_line(low), _short_line(plan, INT4[0], "no 4-bit format fits"),
                 "below 4 bits post-training quantization loses several points; with training compute, "
                 "distilling to a smaller model first is the better path (seed 001)"]
         return {"format": low, "recipe": f"w{low[3]}-gptq", "why": why}
@@ -76,14 +78,13 @@ def recommend(plan, *, max_drop: float = 1.0, can_train: bool = False) -> dict |
 def _shrink_architecture(plan, why: list[str], can_train: bool, mcu: bool) -> dict:
     """Nothing fits post-training: distill (and prune) to a student that will."""
     target = "int8" if mcu else "int4-g128"
-    f = next((x for x in plan.formats if x.name == target), None) or plan.formats[-1]
+    f = plan.candidate(target)
     per_param = f.weight_bytes / plan.model.params
     fixed = f.total_bytes - f.weight_bytes  # KV cache and activations, if the student kept the shape
     room = plan.usable_bytes - fixed
     student = int(room / per_param) if room > 0 else 0
-    fp16 = plan.format("fp16") if any(x.name == "fp16" for x in plan.formats) else None
-    need = (fp16.total_bytes / plan.usable_bytes) if fp16 else float("nan")
-    why.append(f"{target} needs {f.total_bytes / 1e9:.2f} GB, {plan.usable_bytes / 1e9:.2f} GB usable; "
+    need = plan.candidate("fp16").total_bytes / plan.usable_bytes
+    why.append(f"{target} needs {_b(f.total_bytes)}, {_b(plan.usable_bytes)} usable; "
                f"fp16 would need {need:.1f}x compression")
     if student > 0:
         why.append(f"a student of at most ~{student / 1e6:,.0f}M parameters fits at {target} "
@@ -97,9 +98,12 @@ def _shrink_architecture(plan, why: list[str], can_train: bool, mcu: bool) -> di
     return {"format": target, "recipe": recipe, "why": why}
 
 
-def _short_line(plan, name: str) -> str:
-    try:
-        f = plan.format(name)
-    except KeyError:
-        return f"{name} not evaluated"
-    return f"{name} needs {f.total_bytes / 1e9:.2f} GB > {plan.usable_bytes / 1e9:.2f} GB usable"
+def _short_line(plan, name: str, label: str) -> str:
+    f = plan.candidate(name)
+    if f.fits:
+        return f"{name} would fit ({_b(f.total_bytes)}) but is not among the formats asked for"
+    return f"{label}: {name} needs {_b(f.total_bytes)} > {_b(plan.usable_bytes)} usable"
+
+
+def _b(n: float) -> str:
+    return format_bytes(n)
