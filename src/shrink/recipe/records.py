@@ -1,0 +1,79 @@
+"""What a compression run records: per layer, per step, and the whole result."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    shape: tuple[int, int]
+    format: str                   # e.g. int4-g128, kmeans16
+    bytes_fp32: int
+    bytes_stored: int
+    error: float                  # layer-output proxy: 2/n ||WX - QX||^2 with calibration, else weight MSE
+    error_rtn: float | None       # the same measure for round-to-nearest, where the step can compare
+    sqnr_db: float                # weight SQNR
+    seconds: float
+    kernel: str                   # QuantLinear's forward path
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepRecord:
+    index: int
+    step: dict                    # {name: {options}} as in the recipe
+    seconds: float = 0.0
+    layers: list[LayerRecord] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)   # {"name", "reason"}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = [l.to_dict() for l in self.layers]
+        return d
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Stored bytes: parameters and buffers at their dtype, QuantLinear weights as their
+    QTensor counts them (packed codes + scales + zero-points, not the kernel's repacked
+    copy), shared tensors once, integer index buffers (position ids) not at all."""
+    from shrink.modules.quant_linear import QuantLinear
+
+    seen: set[int] = set()
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            total += mod.nbytes
+            if mod.bias is not None:
+                total += mod.bias.numel() * mod.bias.element_size()
+            seen.update(t.data_ptr() for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)))
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            continue
+        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+            if t.data_ptr() in seen or _is_index_buffer(t):
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def model_params(model: nn.Module) -> int:
+    seen: set[int] = set()
+    n = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n += p.numel()
+    return n
+
+
+def _is_index_buffer(t: torch.Tensor) -> bool:
+    # position_ids and similar integer index buffers are not weights
+    return not t.is_floating_point() and t.dim() <= 2 and t.dtype in (torch.int64, torch.int32)

@@ -1,0 +1,254 @@
+"""Run a recipe on a model: each step picks its target layers, compresses them (with
+calibration data, block by block, where the algorithm needs activations) and
+records per-layer error, bytes and time. The model given is never modified."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from shrink.algos import gptq, kmeans, rtn
+from shrink.algos.awq import awq
+from shrink.modules.input_scaled import InputScaled
+from shrink.modules.quant_linear import QuantLinear
+from shrink.observe import HessianObserver
+from shrink.quant import QTensor, QuantSpec, check_finite, dequantize, quantize
+from shrink.surgery import SequentialRunner, Target, replace_module, select_modules
+
+from .records import LayerRecord, StepRecord, model_nbytes, model_params
+from .steps import AWQ, GPTQ, NEEDS_CALIBRATION, RTN, KMeans, parse_recipe, step_to_dict
+
+Progress = Callable[[str, int, int], None]
+MAX_AWQ_TOKENS = 4096
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module
+    recipe: list
+    steps: list[StepRecord]
+    metrics: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"recipe": [step_to_dict(s) for s in self.recipe],
+                "steps": [s.to_dict() for s in self.steps], **self.metrics}
+
+
+def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
+             evaluate: Callable[[nn.Module], dict] | None = None, *,
+             progress: Progress | None = None) -> CompressResult:
+    """Compress a copy of `model` with `recipe` (a built-in name, YAML file, or list of steps).
+
+    calibration: batches the model accepts (tensors of token ids, dicts of model
+    inputs, or tuples), needed by gptq and awq. evaluate(model) -> {"name": ..., "value": ...}
+    measures quality before and after.
+    """
+    steps = parse_recipe(recipe)
+    batches = None if calibration is None else list(calibration)
+    needs = [s for s in steps if isinstance(s, NEEDS_CALIBRATION)]
+    if needs and not batches:
+        names = ", ".join(sorted({step_to_dict(s).popitem()[0] for s in needs}))
+        raise ValueError(f"recipe steps {names} need calibration data: pass calibration= a list of input "
+                         "batches (e.g. 128 sequences of 512 tokens from shrink.data.calibration)")
+    _check_weights(model)
+    work = copy.deepcopy(model).eval()
+    baseline = _measure(model, evaluate)
+    records = []
+    for i, step in enumerate(steps, 1):
+        rec = StepRecord(index=i, step=step_to_dict(step))
+        t0 = time.perf_counter()
+        sel = select_modules(work, types=("linear", "conv1d"), include=step.include, exclude=step.exclude)
+        rec.skipped = [{"name": s.name, "reason": s.reason} for s in sel.skipped if _worth_listing(s)]
+        targets = list(sel.targets)
+        report = (lambda done, total, label=f"step {i} {rec.step and next(iter(rec.step))}":
+                  progress(label, done, total)) if progress else None
+        if isinstance(step, (RTN, KMeans)):
+            _data_free(work, step, targets, rec, report)
+        elif isinstance(step, GPTQ):
+            _gptq(work, step, targets, batches, rec, report)
+        elif isinstance(step, AWQ):
+            _awq(work, step, targets, batches, rec, report)
+        rec.seconds = time.perf_counter() - t0
+        records.append(rec)
+    compressed = _measure(work, evaluate)
+    metrics = {"baseline": baseline, "compressed": compressed,
+               "size_reduction": baseline["size_bytes"] / compressed["size_bytes"]}
+    return CompressResult(model=work, recipe=steps, steps=records, metrics=metrics)
+
+
+# ---------------------------------------------------------------- steps
+
+def _data_free(model, step, targets: list[Target], rec: StepRecord, report) -> None:
+    for n, t in enumerate(targets, 1):
+        t0 = time.perf_counter()
+        w = t.weight_view().detach()
+        if isinstance(step, RTN):
+            qt = rtn(w, step.spec(), observer=step.observer).qtensor
+            fmt = _fmt(step.spec())
+        else:
+            qt = kmeans(w, k=step.clusters).qtensor
+            fmt = f"kmeans{step.clusters}"
+        err = float(((dequantize(qt).float() - w.float()) ** 2).mean())
+        _install(model, t, qt, rec, fmt, err, None, time.perf_counter() - t0, "weight MSE (no calibration)")
+        if report:
+            report(n, len(targets))
+
+
+def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
+    spec = step.spec()
+    runner = SequentialRunner(model, targets=targets)
+    observers: dict[str, HessianObserver] = {}
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        obs = observers.get(name)
+        if obs is None:
+            obs = observers[name] = HessianObserver(x.shape[-1])
+        obs.observe(x.detach())
+
+    done = [0]
+
+    def process_block(i: int, block: nn.Module, block_targets: list[Target]) -> None:
+        for group in _share_input(block_targets, observers):
+            t0 = time.perf_counter()
+            h = observers[group[0].name].hessian()
+            w = torch.cat([t.weight_view().detach().float() for t in group])
+            res = gptq(w, h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order)
+            per = (time.perf_counter() - t0) / len(group)
+            row = 0
+            for t in group:
+                qt = _rows(res.qtensor, row, row + t.out_features, spec)
+                row += t.out_features
+                wt = t.weight_view().detach().float()
+                err = _hessian_error(wt, dequantize(qt).float(), h)
+                err_rtn = _hessian_error(wt, dequantize(quantize(wt, spec)).float(), h)
+                note = "shares its input: solved with " + ", ".join(x.name for x in group if x is not t) \
+                    if len(group) > 1 else ""
+                if res.retries:
+                    note += f" Cholesky retried {res.retries}x, damp {res.damp_used:g}"
+                _install(model, t, qt, rec, _fmt(spec), err, err_rtn, per, note.strip())
+            for t in group:
+                observers.pop(t.name, None)
+            done[0] += len(group)
+            if report:
+                report(done[0], len(targets))
+
+    runner.run(batches, process_block, on_input=on_input)
+    for t in runner.unassigned:  # outside the repeated blocks (e.g. a pooler): no block inputs
+        qt = rtn(t.weight_view().detach(), spec).qtensor
+        err = float(((dequantize(qt).float() - t.weight_view().detach().float()) ** 2).mean())
+        _install(model, t, qt, rec, _fmt(spec), err, None, 0.0, "outside the transformer blocks: RTN")
+
+
+def _awq(model, step: AWQ, targets, batches, rec: StepRecord, report) -> None:
+    spec = step.spec()
+    runner = SequentialRunner(model, targets=targets)
+    inputs: dict[str, list[torch.Tensor]] = {}
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        kept = inputs.setdefault(name, [])
+        if sum(k.shape[0] for k in kept) < MAX_AWQ_TOKENS:
+            kept.append(x.detach().reshape(-1, x.shape[-1]).float())
+
+    done = [0]
+
+    def process_block(i: int, block: nn.Module, block_targets: list[Target]) -> None:
+        for group in _share_input(block_targets, None, inputs):
+            t0 = time.perf_counter()
+            x = torch.cat(inputs[group[0].name])
+            ws = [t.weight_view().detach().float() for t in group]
+            res = awq(ws, x, spec, grid=step.grid)
+            per = (time.perf_counter() - t0) / len(group)
+            for t, w, qt in zip(group, ws, res.qtensors):
+                eff = dequantize(qt).float() / res.scales
+                err = float(((x @ eff.T - x @ w.T) ** 2).mean())
+                err_rtn = float(((x @ dequantize(quantize(w, spec)).float().T - x @ w.T) ** 2).mean())
+                _install(model, t, qt, rec, _fmt(spec), err, err_rtn, per,
+                         f"alpha={res.alpha:.2f}; input scale kept in the layer (not folded)",
+                         input_scale=1.0 / res.scales)
+            for t in group:
+                inputs.pop(t.name, None)
+            done[0] += len(group)
+            if report:
+                report(done[0], len(targets))
+
+    runner.run(batches, process_block, on_input=on_input)
+    for t in runner.unassigned:
+        qt = rtn(t.weight_view().detach(), spec).qtensor
+        err = float(((dequantize(qt).float() - t.weight_view().detach().float()) ** 2).mean())
+        _install(model, t, qt, rec, _fmt(spec), err, None, 0.0, "outside the transformer blocks: RTN")
+
+
+# ---------------------------------------------------------------- helpers
+
+def _install(model, t: Target, qt: QTensor, rec: StepRecord, fmt: str, err: float, err_rtn,
+             seconds: float, note: str, input_scale: torch.Tensor | None = None) -> None:
+    bias = getattr(t.module, "bias", None)
+    ql = QuantLinear.from_qtensor(qt, None if bias is None else bias.detach())
+    new: nn.Module = ql if input_scale is None else InputScaled(ql, input_scale)
+    replace_module(model, t.name, new)
+    w = t.weight_view().detach().float()
+    w_hat = dequantize(qt).float()
+    noise = float(((w - w_hat) ** 2).sum())
+    sqnr = math.inf if noise == 0 else 10 * math.log10(float((w ** 2).sum()) / noise)
+    rec.layers.append(LayerRecord(name=t.name, shape=(t.out_features, t.in_features), format=fmt,
+                                  bytes_fp32=4 * w.numel(), bytes_stored=qt.nbytes, error=err,
+                                  error_rtn=err_rtn, sqnr_db=sqnr, seconds=seconds, kernel=ql.kernel,
+                                  note=(note + (f"; kernel fallback: {ql.kernel_reason}" if ql.kernel_reason else "")).strip("; ")))
+
+
+def _share_input(targets: list[Target], observers=None, inputs=None) -> list[list[Target]]:
+    """Group targets that saw the same inputs (q/k/v, gate/up): equal Hessians or inputs."""
+    groups: list[list[Target]] = []
+    for t in targets:
+        key = observers[t.name].hessian() if observers is not None else inputs[t.name][0]
+        for g in groups:
+            other = observers[g[0].name].hessian() if observers is not None else inputs[g[0].name][0]
+            if other.shape == key.shape and torch.equal(other, key):
+                g.append(t)
+                break
+        else:
+            groups.append([t])
+    return groups
+
+
+def _rows(qt: QTensor, start: int, stop: int, spec: QuantSpec) -> QTensor:
+    """Rows [start, stop) of a per-channel or per-group QTensor, codes unchanged."""
+    w = dequantize(qt)[start:stop]
+    scale = qt.scale[start:stop]
+    zp = None if qt.zero_point is None else qt.zero_point[start:stop]
+    part = quantize(w, spec, scale=scale, zero_point=zp)
+    if not torch.equal(part.int_codes(), qt.int_codes()[start:stop]):  # the grid is the same: exact
+        raise RuntimeError("splitting a jointly solved weight changed its codes")
+    return part
+
+
+def _hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    e = (w - q).double()
+    return float(((e @ h.to(e.dtype)) * e).sum())
+
+
+def _fmt(spec: QuantSpec) -> str:
+    base = f"int{spec.bits}"
+    return f"{base}-g{spec.group_size}" if spec.granularity == "group" else f"{base}-channel"
+
+
+def _measure(model: nn.Module, evaluate) -> dict:
+    out = {"size_bytes": model_nbytes(model), "params": model_params(model)}
+    if evaluate is not None:
+        out["quality"] = evaluate(model)
+    return out
+
+
+def _check_weights(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            check_finite(p.detach(), f"weight {name}")
+
+
+def _worth_listing(s) -> bool:
+    return "not asked for" not in s.reason and "root" not in s.reason

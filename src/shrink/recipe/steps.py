@@ -1,0 +1,235 @@
+"""Recipe steps: typed, frozen, self-validating; parsed from YAML or Python at the boundary.
+
+A recipe is a list of steps. In YAML (or Python) each step is a one-key
+mapping, `- gptq: {bits: 4, group_size: 128}`; in Python a step object works
+too. Omitted fields take the defaults a practitioner expects (4-bit, group
+128, asymmetric, damp 0.01, block 128). `group_size: null` means per channel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Union
+
+from shrink.quant import QuantSpec
+
+OBSERVERS = ("minmax", "percentile", "mse")
+
+
+def _spec(bits: int, group_size: int | None, symmetric: bool) -> QuantSpec:
+    if group_size is None:
+        return QuantSpec(bits=bits, symmetric=symmetric, granularity="channel")
+    return QuantSpec(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Which modules a step touches: glob or `re:` patterns on qualified names."""
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RTN:
+    """Round to nearest, per channel or per group, with an observer for the range."""
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    observer: str = "minmax"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        _check_bits(self, self.bits)
+        _check_group(self, self.group_size)
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"rtn: observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
+        self.spec()
+
+    def spec(self) -> QuantSpec:
+        return _spec(self.bits, self.group_size, self.symmetric)
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ: Hessian-guided rounding with error feedback, block by block on calibration data."""
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        _check_bits(self, self.bits)
+        _check_group(self, self.group_size)
+        if not 0 < self.damp < 1:
+            raise ValueError(f"gptq: damp must be in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"gptq: block_size must be positive, got {self.block_size}")
+
+    def spec(self) -> QuantSpec:
+        return _spec(self.bits, self.group_size, self.symmetric)
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """AWQ: activation-aware scales (grid over alpha) and clipping, then 4-bit groups."""
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    grid: int = 20
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        _check_bits(self, self.bits)
+        _check_group(self, self.group_size)
+        if self.grid < 1:
+            raise ValueError(f"awq: grid must be positive, got {self.grid}")
+
+    def spec(self) -> QuantSpec:
+        return _spec(self.bits, self.group_size, self.symmetric)
+
+
+@dataclass(frozen=True)
+class KMeans:
+    """Deep Compression weight sharing: one k-means codebook per layer."""
+    clusters: int = 16
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.clusters, bool) or not isinstance(self.clusters, int) or not 2 <= self.clusters <= 256:
+            raise ValueError(f"kmeans: clusters must be an integer in 2..256, got {self.clusters!r}")
+
+
+Step = Union[RTN, GPTQ, AWQ, KMeans]
+STEP_TYPES: dict[str, type] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "kmeans": KMeans}
+NEEDS_CALIBRATION = (GPTQ, AWQ)
+
+def step_name(step) -> str:
+    for name, cls in STEP_TYPES.items():
+        if isinstance(step, cls):
+            return name
+    raise TypeError(f"not a recipe step: {step!r}")
+
+
+def step_to_dict(step) -> dict:
+    return {step_name(step): {f.name: (list(v) if isinstance(v, tuple) else v)
+                              for f in fields(step) if (v := getattr(step, f.name)) is not None}}
+
+
+def parse_recipe(recipe: Any) -> list:
+    """A built-in name, a YAML file path, YAML text, a list of steps or one-key dicts."""
+    if isinstance(recipe, (str, Path)):
+        text = str(recipe)
+        if text in BUILTIN:
+            return list(BUILTIN[text])
+        path = Path(text)
+        if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+            if not path.is_file():
+                raise FileNotFoundError(f"recipe {path}: no such file")
+            return parse_recipe(_load_yaml(path.read_text(encoding="utf-8"), str(path)))
+        close = difflib.get_close_matches(text, list(BUILTIN), n=3)
+        hint = f"; closest: {', '.join(close)}" if close else f"; built-in recipes: {', '.join(BUILTIN)}"
+        raise ValueError(f"unknown recipe {text!r} (not a built-in name or a file){hint}")
+    if not isinstance(recipe, (list, tuple)) or not recipe:
+        raise ValueError("a recipe is a non-empty list of steps, e.g. [{'gptq': {'bits': 4}}]")
+    return [_parse_step(i + 1, item) for i, item in enumerate(recipe)]
+
+
+def _parse_step(index: int, item: Any):
+    if any(isinstance(item, cls) for cls in STEP_TYPES.values()):
+        return item
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ValueError(f"recipe step {index}: expected a one-key mapping like {{gptq: {{bits: 4}}}}, got {item!r}")
+    (name, opts), = item.items()
+    cls = STEP_TYPES.get(name)
+    if cls is None:
+        close = difflib.get_close_matches(str(name), list(STEP_TYPES), n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ValueError(f"recipe step {index}: unknown step {name!r}{hint}; steps are {', '.join(STEP_TYPES)}")
+    opts = {} if opts is None else opts
+    if not isinstance(opts, dict):
+        raise ValueError(f"recipe step {index} ({name}): options must be a mapping, got {opts!r}")
+    known = {f.name: f for f in fields(cls)}
+    for key in opts:
+        if key not in known:
+            raise ValueError(f"recipe step {index} ({name}): unknown field {key!r}; fields are {', '.join(known)}")
+    kwargs = {}
+    for key, value in opts.items():
+        kwargs[key] = _coerce(index, name, key, value, known[key])
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        msg = str(e).removeprefix(f"{name}: ")
+        raise ValueError(f"recipe step {index} ({name}): {msg}") from None
+
+
+def _coerce(index: int, step: str, key: str, value: Any, field: dataclasses.Field):
+    default = field.default
+    where = f"recipe step {index} ({step}): field {key!r}"
+    if key in ("include", "exclude"):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where} must be a list of name patterns")
+        return tuple(value)
+    if key == "group_size" and value in (None, "channel", 0):
+        return None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) or (default is None and key == "group_size"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _check_bits(step, bits) -> None:
+    name = step_name(step)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{name}: bits must be an integer in 2..8, got {bits!r}")
+
+
+def _check_group(step, group) -> None:
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+        raise ValueError(f"{step_name(step)}: group_size must be a positive integer or null "
+                         f"(per channel), got {group!r}")
+
+
+def _load_yaml(text: str, where: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)  # safe: no object construction
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {where}: not valid YAML ({e})") from None
+
+
+# Built-in recipes by name (API.md): defined last, after the validators they run.
+BUILTIN = {
+    "int8": [RTN(bits=8, group_size=None, symmetric=True)],
+    "w4-rtn": [RTN()],
+    "w4-gptq": [GPTQ()],
+    "w4-awq": [AWQ()],
+    "w3-gptq": [GPTQ(bits=3)],
+    "kmeans16": [KMeans(clusters=16)],
+}
