@@ -39,3 +39,12 @@ def heavy_tailed() -> torch.Tensor:
     normal = torch.randn(256, 512, generator=g)
     chi2 = torch.randn(2, 256, 512, generator=g).pow(2).sum(0)
     return (normal / (chi2 / 2).sqrt() * 0.02).contiguous()
+
+
+def pytest_sessionstart(session):
+    # tests/ holds tests_support.py, shared helpers that test modules import
+    import sys
+
+    here = os.path.dirname(__file__)
+    if here not in sys.path:
+        sys.path.insert(0, here)

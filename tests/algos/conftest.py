@@ -3,8 +3,6 @@ docstrings of Python standard-library modules), inputs of its Linear layers
 captured with forward hooks."""
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 
 import pytest
@@ -12,23 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODULES = ["json", "argparse", "collections", "functools", "itertools", "pathlib", "shutil",
-           "textwrap", "logging", "csv", "heapq", "bisect", "difflib", "statistics", "fractions", "string"]
-
-
-def stdlib_sentences(n: int = 48) -> list[str]:
-    out: list[str] = []
-    for name in MODULES:
-        mod = importlib.import_module(name)
-        for _, obj in inspect.getmembers(mod):
-            doc = inspect.getdoc(obj) if (inspect.isfunction(obj) or inspect.isclass(obj)) else None
-            if doc:
-                line = " ".join(doc.split())[:300]
-                if len(line) > 40 and line not in out:
-                    out.append(line)
-            if len(out) >= n:
-                return out
-    return out
+from tests_support import stdlib_sentences  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,350 @@
+"""QuantLinear: a Linear layer that keeps its weight quantized and runs it fast.
+
+The module holds shrink's packed representation (`codes`, `scales`, `zeros`:
+persistent buffers, so state_dict and safetensors round-trip) and the spec as
+typed attributes. At construction it picks a forward path, recorded in
+`kernel`:
+
+  int4pack_cpu  int4 codes (symmetric or not; per group of 32/64/128/256, per
+                channel or per tensor) through aten._weight_int4pack_mm_for_cpu
+  int8pack_cpu  symmetric int8 per channel (or per tensor) through
+                aten._weight_int8pack_mm
+  reference     anything else: dequantize on every forward (`kernel_reason` says why)
+
+Both kernels compute in bf16: x is cast to bf16, the scales (and the folded
+zero-points) are rounded to bf16, and the output is rounded to bf16 before it
+is cast back to x's dtype. That is the price of their speed (with fp32
+activations they are several times slower than an fp32 Linear on this CPU).
+
+The kernels need their own weight layout, built once from the codes; the
+module therefore holds the weight twice (shrink's codes for state_dict, the
+kernel's copy for forward) — `resident_nbytes` counts both, `nbytes` counts
+what the QTensor stores. Forward never mutates the module, so one model may
+serve several threads.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from shrink.formats import packed_nbytes
+from shrink.quant import QTensor, QuantSpec, quantize
+from shrink.quant.blocks import layout_for
+
+KERNELS = ("int4pack_cpu", "int8pack_cpu", "reference")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
+_INT4_OFFSET = 8  # the int4 kernel computes w = (q - 8) * scale + zero, q in 0..15
+# buffers whose dtype is part of the numerics: Module.half()/.to(dtype) must not cast them
+_FIXED_DTYPE = ("scales", "zeros", "_kernel_scales")
+
+
+def select_kernel(spec: QuantSpec, out_features: int, in_features: int) -> tuple[str, str | None]:
+    """(kernel, reason): the fastest path this spec and shape allow, and why
+    not a kernel when it falls back to "reference" (reason is None otherwise)."""
+    int4 = _int4_blocker(spec, out_features, in_features)
+    if int4 is None:
+        return "int4pack_cpu", None
+    int8 = _int8_blocker(spec, out_features, in_features)
+    if int8 is None:
+        return "int8pack_cpu", None
+    return "reference", int8 if spec.format == "int" and spec.bits == 8 else int4
+
+
+def _int4_blocker(spec: QuantSpec, n: int, k: int) -> str | None:
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return "this torch build has no aten._weight_int4pack_mm_for_cpu"
+    if spec.format != "int":
+        return f"format {spec.format!r}: the CPU kernels take integer codes only"
+    if spec.bits != 4:
+        return f"int{spec.bits}: no CPU kernel for {spec.bits}-bit codes (int4pack takes 4-bit, int8pack 8-bit)"
+    if spec.granularity != "tensor" and spec.axis % 2 != 0:
+        return f"axis={spec.axis}: scales run along in_features; the int4 kernel needs them per output row"
+    if spec.granularity == "group":
+        if spec.group_size not in INT4_GROUP_SIZES:
+            return f"group_size {spec.group_size}: the int4 kernel takes groups of {INT4_GROUP_SIZES} only"
+        if k % spec.group_size:
+            return f"in_features {k} is not a multiple of group_size {spec.group_size} (a ragged last group)"
+    elif _int4_group(spec, k) is None:
+        return f"in_features {k} is not a multiple of 32, the smallest group the int4 kernel takes"
+    if n % 16:
+        return f"out_features {n} is not a multiple of 16, as aten._convert_weight_to_int4pack_for_cpu requires"
+    return None
+
+
+def _int8_blocker(spec: QuantSpec, n: int, k: int) -> str | None:
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return "this torch build has no aten._weight_int8pack_mm"
+    if spec.format != "int" or spec.bits != 8:
+        return f"format {_format_name(spec)}: the int8 kernel takes 8-bit integer codes only"
+    if not spec.symmetric:
+        return "asymmetric int8 (a zero-point): aten._weight_int8pack_mm takes symmetric codes only"
+    if spec.granularity == "group":
+        return "int8 per group: aten._weight_int8pack_mm takes one scale per output channel"
+    if spec.granularity == "channel" and spec.axis % 2 != 0:
+        return f"axis={spec.axis}: scales run along in_features; the int8 kernel needs them per output row"
+    if k % 16:
+        # measured on torch 2.13: other widths read out of bounds and crash the process
+        return f"in_features {k} is not a multiple of 16, which aten._weight_int8pack_mm needs"
+    return None
+
+
+def _int4_group(spec: QuantSpec, k: int) -> int | None:
+    """The kernel's group size: the spec's, or for one scale per row/tensor the
+    largest supported group dividing in_features (the scale is repeated over groups)."""
+    if spec.granularity == "group":
+        return spec.group_size
+    return next((g for g in reversed(INT4_GROUP_SIZES) if k % g == 0), None)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequantize(W).T + bias, with W kept quantized.
+
+    Build one with `from_qtensor` or `from_linear`. The constructor makes a
+    shell with placeholder codes, to be filled by `load_state_dict` (the spec
+    is not in the state_dict; it is the constructor's argument).
+
+    kernel="auto" picks the fastest path (see `select_kernel`); "reference"
+    forces dequantize-per-forward; naming a kernel that cannot run raises.
+    cache_weight=True keeps the dequantized weight for the reference path
+    (faster, but it costs what quantizing saved). Inputs on a device other
+    than the CPU, and inputs that need a gradient (the kernels have no
+    backward), take the reference path whatever `kernel` says.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = True, *,
+                 weight_dtype: torch.dtype = torch.float32, kernel: str = "auto", cache_weight: bool = False):
+        super().__init__()
+        _check_dims(in_features, out_features)
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"QuantLinear: spec must be a QuantSpec, got {type(spec).__name__}")
+        lay = layout_for(torch.Size((out_features, in_features)), spec)
+        grid = spec.grid()
+        numel = out_features * in_features
+        if grid.bits <= 8:
+            codes = torch.zeros(packed_nbytes(numel, grid.bits), dtype=torch.uint8)
+        else:
+            codes = torch.zeros(numel, dtype=grid.code_dtype)
+        scales = torch.ones(lay.param_shape, dtype=spec.scale_dtype) if spec.has_scale else None
+        zeros = torch.zeros(lay.param_shape, dtype=spec.scale_dtype) if spec.has_zero_point else None
+        b = torch.zeros(out_features, dtype=weight_dtype) if bias else None
+        self._setup(in_features, out_features, spec, weight_dtype, codes, scales, zeros, b, kernel, cache_weight)
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_qtensor(cls, qt: QTensor, bias: torch.Tensor | None = None, *,
+                     kernel: str = "auto", cache_weight: bool = False) -> "QuantLinear":
+        """A QuantLinear over a quantized [out_features, in_features] weight
+        (copied: the QTensor and bias are never modified)."""
+        return cls._build(qt, bias, kernel, cache_weight, copy=True)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, observer: str = "minmax", *,
+                    kernel: str = "auto", cache_weight: bool = False) -> "QuantLinear":
+        """Quantize an nn.Linear's weight under `spec` (round to nearest with the
+        given observer) and keep its bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        qt = quantize(linear.weight.detach(), spec, observer=observer)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls._build(qt, bias, kernel, cache_weight, copy=False)
+
+    @classmethod
+    def _build(cls, qt, bias, kernel, cache_weight, copy: bool) -> "QuantLinear":
+        if not isinstance(qt, QTensor):
+            raise TypeError(f"QuantLinear.from_qtensor expects a QTensor, got {type(qt).__name__}")
+        if len(qt.shape) != 2:
+            raise ValueError(
+                f"QuantLinear needs a 2-D [out_features, in_features] weight; got a QTensor of shape {tuple(qt.shape)}"
+            )
+        out_features, in_features = (int(s) for s in qt.shape)
+        _check_dims(in_features, out_features)
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or tuple(bias.shape) != (out_features,):
+                got = f"{tuple(bias.shape)} {bias.dtype}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+                raise ValueError(f"QuantLinear: bias must be a float tensor of shape ({out_features},), got {got}")
+            bias = bias.detach()
+        dup = (lambda t: None if t is None else t.detach().clone()) if copy else (lambda t: t)
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m._setup(in_features, out_features, qt.spec, qt.dtype, dup(qt.data), dup(qt.scale),
+                 dup(qt.zero_point), dup(bias), kernel, cache_weight)
+        return m
+
+    def _setup(self, in_features, out_features, spec, weight_dtype, codes, scales, zeros, bias, kernel, cache_weight):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self.weight_dtype = weight_dtype
+        self.cache_weight = bool(cache_weight)
+        self._grid = spec.grid()
+        self.kernel, self.kernel_reason = _resolve_kernel(kernel, spec, out_features, in_features)
+        self._kernel_group = _int4_group(spec, in_features) if self.kernel == "int4pack_cpu" else None
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        # frozen like the weight; a Parameter so that code expecting nn.Linear's `bias` finds one
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
+        self.register_buffer("_kernel_weight", None, persistent=False)
+        self.register_buffer("_kernel_scales", None, persistent=False)
+        self.register_buffer("_cached_weight", None, persistent=False)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Derive the forward path's tensors from the stored codes (at construction and after loading)."""
+        device = self.codes.device
+        w = s = cached = None
+        if self.kernel != "reference":
+            codes = self._cpu_qtensor().int_codes()  # [N, K] int32 in the spec's range
+            n, k = self.out_features, self.in_features
+            if self.kernel == "int4pack_cpu":
+                g = self._kernel_group
+                if self.spec.symmetric:
+                    codes = codes + _INT4_OFFSET  # -8..7 -> 0..15
+                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+                scale = _per_group(self.scales.cpu(), n, k // g)
+                if self.spec.has_zero_point:
+                    # (q - zp) * s == (q - 8) * s + (8 - zp) * s
+                    zero = (_INT4_OFFSET - _per_group(self.zeros.cpu(), n, k // g)) * scale
+                else:
+                    zero = torch.zeros_like(scale)
+                s = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+            else:
+                w = codes.to(torch.int8).contiguous()
+                s = _per_group(self.scales.cpu(), n, 1).reshape(n).to(torch.bfloat16).contiguous()
+            w, s = w.to(device), s.to(device)
+        elif self.cache_weight:
+            cached = self._dequantize(device)
+        self._kernel_weight, self._kernel_scales, self._cached_weight = w, s, cached
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"QuantLinear: input must be a floating-point tensor, got {what}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"QuantLinear: input of shape {tuple(x.shape)} does not match in_features={self.in_features} "
+                "(the last dimension must equal it)"
+            )
+        w = self._kernel_weight
+        fast = (w is not None and x.device.type == "cpu" and w.device.type == "cpu"
+                and not (x.requires_grad and torch.is_grad_enabled()))
+        if not fast:
+            weight = self._cached_weight if self._cached_weight is not None else self._dequantize(x.device)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, weight.to(device=x.device, dtype=x.dtype), bias)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if self.kernel == "int4pack_cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w, self._kernel_group, self._kernel_scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, w, self._kernel_scales)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    # ------------------------------------------------------------ views of the weight
+
+    def to_qtensor(self) -> QTensor:
+        """The stored weight as a QTensor (sharing the module's buffers)."""
+        return QTensor(data=self.codes, shape=torch.Size((self.out_features, self.in_features)),
+                       dtype=self.weight_dtype, spec=self.spec, grid=self._grid,
+                       scale=self.scales, zero_point=self.zeros)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W_hat = (q - zero_point) * scale as [out_features, in_features] in weight_dtype."""
+        return self._dequantize(self.codes.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes of the weight as the QTensor counts them (codes + scales + zero-points; no bias)."""
+        return self.to_qtensor().nbytes
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes this module holds in memory: every buffer and parameter, the kernel's copy included."""
+        tensors = list(self.buffers(recurse=False)) + list(self.parameters(recurse=False))
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_repr(self) -> str:
+        text = (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format={_format_name(self.spec)}, kernel={self.kernel}")
+        return text + (f", kernel_reason={self.kernel_reason!r}" if self.kernel_reason else "")
+
+    def _cpu_qtensor(self) -> QTensor:
+        # unpacking runs on the CPU (shrink.formats packs with numpy)
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        qt = self.to_qtensor()
+        return QTensor(data=cpu(qt.data), shape=qt.shape, dtype=qt.dtype, spec=qt.spec, grid=qt.grid,
+                       scale=cpu(qt.scale), zero_point=cpu(qt.zero_point))
+
+    def _dequantize(self, device: torch.device) -> torch.Tensor:
+        return self._cpu_qtensor().dequantize().to(device)
+
+    # ------------------------------------------------------------ nn.Module plumbing
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(dtype) would re-round the scales and change the numerics; devices may change
+        kept = {n: self._buffers[n] for n in _FIXED_DTYPE if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        n_errors = len(error_msgs)
+        for name in ("codes", "scales", "zeros"):
+            mine, theirs = self._buffers.get(name), state_dict.get(prefix + name)
+            if mine is not None and isinstance(theirs, torch.Tensor) and theirs.dtype != mine.dtype:
+                error_msgs.append(
+                    f"{prefix}{name} is stored as {theirs.dtype} but this QuantLinear keeps {mine.dtype} "
+                    f"(spec {self.spec}); casting would change the quantized values - build the module with a "
+                    "matching spec (e.g. scale_dtype)"
+                )
+        if len(error_msgs) > n_errors:
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if len(error_msgs) == n_errors:
+            self._prepare()
+
+
+def _resolve_kernel(kernel: str, spec: QuantSpec, n: int, k: int) -> tuple[str, str | None]:
+    if kernel == "auto":
+        return select_kernel(spec, n, k)
+    if kernel == "reference":
+        return "reference", "kernel='reference' was requested"
+    if kernel not in KERNELS:
+        raise ValueError(f"QuantLinear: kernel must be 'auto' or one of {', '.join(KERNELS)}; got {kernel!r}")
+    blocker = (_int4_blocker if kernel == "int4pack_cpu" else _int8_blocker)(spec, n, k)
+    if blocker is not None:
+        raise ValueError(f"QuantLinear: kernel {kernel!r} cannot run this weight [{n}, {k}]: {blocker}")
+    return kernel, None
+
+
+def _per_group(p: torch.Tensor, n: int, groups: int) -> torch.Tensor:
+    """Scale-shaped () / (N,) / (N, G) parameters as float32 [N, groups]."""
+    p = p.to(torch.float32)
+    if p.dim() == 2:
+        return p
+    return p.reshape(-1, 1).expand(n, groups)
+
+
+def _check_dims(in_features, out_features) -> None:
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"QuantLinear: {name} must be a positive integer, got {v!r}")
+
+
+def _format_name(spec: QuantSpec) -> str:
+    if spec.format != "int":
+        name = spec.format
+    else:
+        name = f"int{spec.bits}" + ("" if spec.symmetric else " asymmetric")
+    if spec.granularity == "group":
+        return f"{name} per group of {spec.group_size}"
+    return f"{name} per {spec.granularity}"
