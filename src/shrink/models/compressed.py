@@ -1,0 +1,158 @@
+"""A compressed model on disk: weights (safetensors), the base architecture's config and
+a manifest saying which modules are compressed and how. Reloads bit-exactly.
+
+DIR/
+  model.safetensors   every tensor of the compressed model (packed codes, scales, ...)
+  config.json         the base model's Hugging Face config (for transformers models)
+  manifest.json       format version, how to build the base, per-module specs, recipe, metrics
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shrink.modules import InputScaled, QuantLinear
+from shrink.quant import QuantSpec
+from shrink.surgery import replace_module
+
+FORMAT = "shrink-compressed"
+VERSION = 1
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def spec_to_dict(spec: QuantSpec) -> dict:
+    out = {}
+    for f in fields(spec):
+        v = getattr(spec, f.name)
+        if isinstance(v, torch.dtype):
+            v = str(v).removeprefix("torch.")
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def spec_from_dict(d: dict, where: str) -> QuantSpec:
+    known = {f.name for f in fields(QuantSpec)}
+    kw: dict[str, Any] = {}
+    for k, v in d.items():
+        if k not in known:
+            raise ValueError(f"{where}: unknown QuantSpec field {k!r}")
+        if k in ("scale_dtype", "codebook_dtype"):
+            if v not in _DTYPES:
+                raise ValueError(f"{where}: {k} {v!r} is not one of {', '.join(_DTYPES)}")
+            v = _DTYPES[v]
+        elif k == "codebook" and v is not None:
+            v = tuple(float(x) for x in v)
+        kw[k] = v
+    return QuantSpec(**kw)
+
+
+def compressed_modules(model: nn.Module) -> dict[str, dict]:
+    out = {}
+    for name, mod in model.named_modules():
+        scaled = isinstance(mod, InputScaled)
+        ql = mod.inner if scaled else mod
+        if isinstance(ql, QuantLinear) and not (not scaled and _parent_is_scaled(model, name)):
+            out[name] = {"type": "QuantLinear", "in_features": ql.in_features, "out_features": ql.out_features,
+                         "bias": ql.bias is not None, "spec": spec_to_dict(ql.spec), "input_scaled": scaled,
+                         "weight_dtype": str(ql.weight_dtype).removeprefix("torch.")}
+    return out
+
+
+def save_compressed(model: nn.Module, directory: str | Path, *, base: dict, extra: dict | None = None) -> Path:
+    """Write DIR atomically (a temporary sibling, then a rename). `base` says how to rebuild the
+    uncompressed architecture: {"kind": "hf"} (the model's .config is saved) or
+    {"kind": "builtin", "name": ...}."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        if base.get("kind") == "hf":
+            cfg = getattr(model, "config", None)
+            if cfg is None:
+                raise ValueError("save_compressed: base kind 'hf' needs a transformers model with .config")
+            cfg.save_pretrained(tmp)
+            base = {**base, "class": type(model).__name__}
+        save_model(model, str(tmp / "model.safetensors"))
+        manifest = {"format": FORMAT, "version": VERSION, "base": base,
+                    "modules": compressed_modules(model), **(extra or {})}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def is_compressed_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "manifest.json").is_file() and (p / "model.safetensors").is_file()
+
+
+def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
+    """Rebuild the base architecture, put empty compressed modules where the manifest says,
+    and load every tensor (strict: a missing or extra tensor is an error)."""
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    where = directory / "manifest.json"
+    try:
+        manifest = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: cannot read the manifest ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{where}: not a shrink-compressed v{VERSION} manifest "
+                         f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})")
+    base = manifest.get("base") or {}
+    if base.get("kind") == "hf":
+        model = _build_hf(directory, base.get("class"))
+    elif base.get("kind") == "builtin" and build_builtin is not None:
+        model = build_builtin(base["name"])
+    else:
+        raise ValueError(f"{where}: cannot rebuild base {base!r}")
+    for name, m in (manifest.get("modules") or {}).items():
+        spec = spec_from_dict(m["spec"], f"{where}: module {name}")
+        shell = QuantLinear(int(m["in_features"]), int(m["out_features"]), spec, bias=bool(m["bias"]),
+                            weight_dtype=_DTYPES[m.get("weight_dtype", "float32")])
+        if m.get("input_scaled"):
+            shell = InputScaled(shell, torch.ones(int(m["in_features"])))
+        replace_module(model, name, shell)
+    missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory / 'model.safetensors'}: tensors do not match the manifest "
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return model.eval()
+
+
+def _build_hf(directory: Path, class_name: str | None) -> nn.Module:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    cls = getattr(transformers, class_name or "", None) or transformers.AutoModel
+    if cls is transformers.AutoModel:
+        return transformers.AutoModel.from_config(config)
+    return cls._from_config(config)
+
+
+def _parent_is_scaled(model: nn.Module, name: str) -> bool:
+    if "." not in name:
+        return False
+    parent = model.get_submodule(name.rsplit(".", 1)[0])
+    return isinstance(parent, InputScaled)
