@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from shrink import __version__
-from shrink.cli import demo, plan
+from shrink.cli import compress, demo, plan
 
-COMMANDS = {"plan": plan, "demo": demo}
+COMMANDS = {"plan": plan, "compress": compress, "demo": demo}
 
 
 class UserError(Exception):

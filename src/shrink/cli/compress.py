@@ -1,0 +1,52 @@
+"""`shrink compress MODEL --recipe RECIPE -o DIR`: run a recipe, measure, save."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compress", help="run a recipe on a model; write DIR/model and DIR/result.json")
+    p.add_argument("model", metavar="MODEL", help="minilm, tiny-gpt, digits-mlp, digits-cnn, or a model directory")
+    p.add_argument("--recipe", required=True, metavar="RECIPE",
+                   help="a built-in name (int8, w4-rtn, w4-gptq, w4-awq, w3-gptq, kmeans16) or a YAML file")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--calib", metavar="SOURCE", help="calibration text: a .txt or .jsonl file (default: the stdlib corpus)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print result.json on stdout")
+
+
+def run(args) -> int:
+    from shrink.cli.progress import Progress
+    from shrink.recipe.job import run_job
+
+    bars: dict[str, Progress] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        bar = bars.get(label)
+        if bar is None:
+            bar = bars[label] = Progress(label, total)
+        bar(done)
+
+    doc = run_job(args.model, args.recipe, args.output, calib=args.calib, seed=args.seed, progress=progress)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return 0
+    b, c = doc["baseline"], doc["compressed"]
+    print(f"{args.model}: {b['size_bytes'] / 1e6:.2f} MB -> {c['size_bytes'] / 1e6:.2f} MB "
+          f"({doc['size_reduction']:.2f}x smaller)")
+    if "quality" in b:
+        q0, q1 = b["quality"], c["quality"]
+        print(f"{q0['name']}: {q0['value']:.4f} -> {q1['value']:.4f}")
+    for step in doc["steps"]:
+        layers = step["layers"]
+        rtn = [l for l in layers if l.get("error_rtn")]
+        extra = ""
+        if rtn:
+            ratio = sum(l["error"] / l["error_rtn"] for l in rtn) / len(rtn)
+            extra = f", output error {ratio:.2f}x RTN's on average"
+        print(f"step {step['index']} {next(iter(step['step']))}: {len(layers)} layers in {step['seconds']:.1f}s{extra}"
+              + (f"; {len(step['skipped'])} modules skipped (see result.json)" if step["skipped"] else ""))
+    print(f"wrote {args.output}/result.json and {args.output}/model/")
+    return 0

@@ -1,0 +1,90 @@
+"""`shrink compress MODEL --recipe R -o DIR` as a library call: load the model, build its
+calibration data and quality metric, run the recipe, write DIR/model/ and DIR/result.json.
+
+Quality metric by model kind: perplexity on held-out standard-library modules for
+causal LMs, embedding fidelity to the original on held-out sentences for encoders,
+accuracy on the held-out split for the digits classifiers.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from shrink.fsutil import write_json_atomic
+
+from .run import CompressResult, compress
+from .steps import NEEDS_CALIBRATION, parse_recipe
+
+Progress = Callable[[str, int, int], None]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    archs = getattr(cfg, "architectures", None) or []
+    return hasattr(model, "generation_config") or any("CausalLM" in a or "LMHead" in a for a in archs)
+
+
+def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_len: int = 128,
+            seed: int = 0) -> tuple[nn.Module, list | None, Callable | None, dict]:
+    """(model, calibration batches, metric, base description for saving)."""
+    from shrink.data.calibration import calibration_batches
+    from shrink.data.corpus import stdlib_corpus
+    from shrink.eval.quality import accuracy_metric, embedding_metric, perplexity_metric, sentences_from
+    from shrink.models.io import BUILTIN_NAMES, load, load_tokenizer
+
+    model = load(model_ref)
+    name = str(model_ref)
+    if name in ("digits-mlp", "digits-cnn"):
+        from shrink.models.digits import digits_data
+
+        split = digits_data()
+        x = split.x_test if name == "digits-mlp" else split.x_test.reshape(-1, 1, 8, 8)
+        return model, None, accuracy_metric(x, split.y_test), {"kind": "builtin", "name": name}
+    base = {"kind": "hf"} if getattr(model, "config", None) is not None else {"kind": "builtin", "name": name}
+    try:
+        tok = load_tokenizer(model_ref)
+    except (FileNotFoundError, ValueError, OSError):
+        return model, None, None, base
+    corpus = stdlib_corpus(max_train_chars=2_000_000, max_heldout_chars=400_000)
+    source = calib if calib is not None else corpus.train_texts
+    ids = calibration_batches(source, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    batches = [{"input_ids": ids[i:i + 8]} for i in range(0, ids.shape[0], 8)]
+    if is_causal_lm(model):
+        metric = perplexity_metric(tok, corpus.heldout_texts, seq_len=seq_len, max_tokens=16384)
+    else:
+        metric = embedding_metric(model, tok, sentences_from(corpus.heldout_texts, n=64))
+    return model, batches, metric, base
+
+
+def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = None, seed: int = 0,
+            progress: Progress | None = None) -> dict:
+    from shrink.models.compressed import save_compressed
+
+    steps = parse_recipe(recipe)  # fail on a bad recipe before loading anything
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    model, batches, metric, base = prepare(model_ref, calib=calib, seed=seed)
+    if batches is None and any(isinstance(s, NEEDS_CALIBRATION) for s in steps):
+        raise ValueError(f"{model_ref}: this model has no text calibration data; use rtn or kmeans steps")
+    res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress)
+    out = Path(out_dir)
+    doc = {"model": str(model_ref), **res.to_json(), "seconds": time.perf_counter() - t0, "seed": seed}
+    save_compressed(res.model, out / "model", base=base, extra={"recipe": doc["recipe"], "source_model": str(model_ref)})
+    write_json_atomic(out / "result.json", _jsonable(doc))
+    return doc
+
+
+def _jsonable(obj):
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
