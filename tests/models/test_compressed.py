@@ -30,7 +30,8 @@ def minilm():
     "w4-rtn",
     [{"kmeans": {"clusters": 16, "include": ["encoder.layer.1.*"]}}],
     [{"awq": {"grid": 2, "include": ["encoder.layer.0.intermediate.dense"]}}],
-], ids=["int8", "w4-rtn", "kmeans", "awq"])
+    [{"smoothquant": {"include": ["encoder.layer.1.*"]}}],
+], ids=["int8", "w4-rtn", "kmeans", "awq", "smoothquant"])
 def test_save_load_is_bit_exact(minilm, tmp_path, recipe):
     model, x = minilm
     res = compress(model, recipe, calibration=[x])

@@ -98,3 +98,27 @@ def test_bad_input(minilm):
         broken.encoder.layer[3].output.dense.weight[5, 7] = float("inf")
     with pytest.raises(ValueError, match=r"encoder\.layer\.3\.output\.dense\.weight.*\(5, 7\)"):
         compress(broken, "int8")
+
+
+def test_smoothquant_w8a8_is_close_and_smoothing_helps(minilm):
+    model, calib, cosine = minilm
+    res = compress(model, [{"smoothquant": {"alpha": 0.5, "include": ["encoder.layer.0.*", "encoder.layer.1.*"]}}],
+                   calibration=calib, evaluate=cosine)
+    layers = res.steps[0].layers
+    assert len(layers) == 12 and all(l.format == "w8a8" and l.kernel == "int_mm" for l in layers)
+    # error_rtn here is W8A8 without smoothing, on the same captured activations
+    assert sum(l.error for l in layers) < sum(l.error_rtn for l in layers)
+    assert res.metrics["compressed"]["quality"]["value"] > 0.995
+
+
+def test_mixed_precision_meets_its_budget(minilm):
+    model, calib, _ = minilm
+    names = ["encoder.layer.0.*", "encoder.layer.1.*"]
+    res = compress(model, [{"mixed_precision": {"bits_per_weight": 4.5, "candidates": [3, 4, 8],
+                                                "method": "rtn", "include": names}}], calibration=calib)
+    layers = res.steps[0].layers
+    params = sum(l.shape[0] * l.shape[1] for l in layers)
+    assert 8 * sum(l.bytes_stored for l in layers) <= 4.5 * params
+    assert len({l.format for l in layers}) >= 2  # the budget buys some layers more bits than others
+    uniform4 = compress(model, [{"rtn": {"bits": 4, "include": names}}]).steps[0].layers
+    assert sum(l.bytes_stored for l in layers) > sum(l.bytes_stored for l in uniform4)

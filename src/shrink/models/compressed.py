@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shrink.modules import InputScaled, QuantLinear
+from shrink.modules import InputScaled, QuantLinear, W8A8Linear
 from shrink.quant import QuantSpec
 from shrink.surgery import replace_module
 
@@ -58,6 +58,10 @@ def spec_from_dict(d: dict, where: str) -> QuantSpec:
 def compressed_modules(model: nn.Module) -> dict[str, dict]:
     out = {}
     for name, mod in model.named_modules():
+        if isinstance(mod, W8A8Linear):
+            out[name] = {"type": "W8A8Linear", "in_features": mod.in_features, "out_features": mod.out_features,
+                         "bias": mod.bias is not None, "smoothed": mod.input_scale is not None}
+            continue
         scaled = isinstance(mod, InputScaled)
         ql = mod.inner if scaled else mod
         if isinstance(ql, QuantLinear) and not (not scaled and _parent_is_scaled(model, name)):
@@ -128,6 +132,12 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
     else:
         raise ValueError(f"{where}: cannot rebuild base {base!r}")
     for name, m in (manifest.get("modules") or {}).items():
+        if m.get("type") == "W8A8Linear":
+            replace_module(model, name, W8A8Linear(int(m["in_features"]), int(m["out_features"]),
+                                                   bias=bool(m["bias"]), smoothed=bool(m["smoothed"])))
+            continue
+        if m.get("type") != "QuantLinear":
+            raise ValueError(f"{where}: module {name} has unknown type {m.get('type')!r}")
         spec = spec_from_dict(m["spec"], f"{where}: module {name}")
         shell = QuantLinear(int(m["in_features"]), int(m["out_features"]), spec, bias=bool(m["bias"]),
                             weight_dtype=_DTYPES[m.get("weight_dtype", "float32")])

@@ -44,17 +44,19 @@ def model_nbytes(model: nn.Module) -> int:
     QTensor counts them (packed codes + scales + zero-points, not the kernel's repacked
     copy), shared tensors once, integer index buffers (position ids) not at all."""
     from shrink.modules.quant_linear import QuantLinear
+    from shrink.modules.w8a8_linear import W8A8Linear
 
+    packed = (QuantLinear, W8A8Linear)
     seen: set[int] = set()
     total = 0
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, packed):
             total += mod.nbytes
             if mod.bias is not None:
                 total += mod.bias.numel() * mod.bias.element_size()
             seen.update(t.data_ptr() for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)))
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, packed):
             continue
         for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
             if t.data_ptr() in seen or _is_index_buffer(t):

@@ -14,14 +14,17 @@ from torch import nn
 
 from shrink.algos import gptq, kmeans, rtn
 from shrink.algos.awq import awq
+from shrink.algos.mixed import allocate_bits, layer_sensitivity
+from shrink.algos.smoothquant import smoothquant_scales
 from shrink.modules.input_scaled import InputScaled
 from shrink.modules.quant_linear import QuantLinear
+from shrink.modules.w8a8_linear import W8A8Linear
 from shrink.observe import HessianObserver
 from shrink.quant import QTensor, QuantSpec, check_finite, dequantize, quantize
 from shrink.surgery import SequentialRunner, Target, replace_module, select_modules
 
 from .records import LayerRecord, StepRecord, model_nbytes, model_params
-from .steps import AWQ, GPTQ, NEEDS_CALIBRATION, RTN, KMeans, parse_recipe, step_to_dict
+from .steps import AWQ, GPTQ, NEEDS_CALIBRATION, RTN, KMeans, MixedPrecision, SmoothQuant, parse_recipe, step_to_dict
 
 Progress = Callable[[str, int, int], None]
 MAX_AWQ_TOKENS = 4096
@@ -73,6 +76,10 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
             _gptq(work, step, targets, batches, rec, report)
         elif isinstance(step, AWQ):
             _awq(work, step, targets, batches, rec, report)
+        elif isinstance(step, SmoothQuant):
+            _smoothquant(work, step, targets, batches, rec, report)
+        elif isinstance(step, MixedPrecision):
+            _mixed(work, step, targets, batches, rec, report)
         rec.seconds = time.perf_counter() - t0
         records.append(rec)
     compressed = _measure(work, evaluate)
@@ -183,7 +190,110 @@ def _awq(model, step: AWQ, targets, batches, rec: StepRecord, report) -> None:
         _install(model, t, qt, rec, _fmt(spec), err, None, 0.0, "outside the transformer blocks: RTN")
 
 
+def _smoothquant(model, step: SmoothQuant, targets, batches, rec: StepRecord, report) -> None:
+    runner = SequentialRunner(model, targets=targets)
+    absmax: dict[str, torch.Tensor] = {}
+    samples: dict[str, torch.Tensor] = {}
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        m = flat.abs().amax(dim=0)
+        absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
+        if name not in samples:
+            samples[name] = flat[:MAX_AWQ_TOKENS]
+
+    done = [0]
+
+    def process_block(i: int, block: nn.Module, block_targets: list[Target]) -> None:
+        for group in _share_input(block_targets, None, {t.name: [absmax[t.name]] for t in block_targets}):
+            t0 = time.perf_counter()
+            ws = [t.weight_view().detach().float() for t in group]
+            s = smoothquant_scales(absmax[group[0].name], ws, alpha=step.alpha)
+            per = (time.perf_counter() - t0) / len(group)
+            x = samples[group[0].name]
+            for t, w in zip(group, ws):
+                t1 = time.perf_counter()
+                bias = getattr(t.module, "bias", None)
+                lin = _as_linear(w, bias)
+                smoothed = W8A8Linear.from_linear(lin, smooth_scale=s)
+                plain = W8A8Linear.from_linear(lin)
+                with torch.no_grad():
+                    ref = lin(x)
+                    err = float(((smoothed(x) - ref) ** 2).mean())
+                    err_plain = float(((plain(x) - ref) ** 2).mean())
+                replace_module(model, t.name, smoothed)
+                rec.layers.append(LayerRecord(
+                    name=t.name, shape=(t.out_features, t.in_features), format="w8a8", bytes_fp32=4 * w.numel(),
+                    bytes_stored=smoothed.nbytes, error=err, error_rtn=err_plain,
+                    sqnr_db=_sqnr(w * s, smoothed.dequantized_weight().float()),
+                    seconds=per + time.perf_counter() - t1, kernel=smoothed.kernel,
+                    note=f"alpha={step.alpha}; error_rtn is W8A8 without smoothing; scales kept in the layer"))
+            done[0] += len(group)
+            if report:
+                report(done[0], len(targets))
+
+    runner.run(batches, process_block, on_input=on_input)
+    for t in runner.unassigned:
+        rec.skipped.append({"name": t.name, "reason": "outside the transformer blocks: no activations captured"})
+
+
+def _mixed(model, step: MixedPrecision, targets, batches, rec: StepRecord, report) -> None:
+    """One pass of the float model collects each layer's Hessian; sensitivities at every
+    candidate width feed the allocation; then each layer is quantized at its width."""
+    runner = SequentialRunner(model, targets=targets)
+    observers: dict[str, HessianObserver] = {}
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        obs = observers.get(name)
+        if obs is None:
+            obs = observers[name] = HessianObserver(x.shape[-1])
+        obs.observe(x.detach())
+
+    runner.run(batches, on_input=on_input)
+    chosen = [t for t in targets if t.name in observers]
+    for t in targets:
+        if t.name not in observers:
+            rec.skipped.append({"name": t.name, "reason": "outside the transformer blocks: no activations captured"})
+    sens = []
+    for n, t in enumerate(chosen, 1):
+        sens.append(layer_sensitivity(t.weight_view().detach().float(), observers[t.name].hessian(), name=t.name,
+                                      candidates=step.candidates, spec_for_bits=step.spec, method="rtn"))
+        if report:
+            report(n, 2 * len(chosen))
+    alloc = allocate_bits(sens, bits_per_weight=step.bits_per_weight, max_bytes=step.max_bytes)
+    if not alloc.feasible:
+        raise ValueError(f"mixed_precision: the budget cannot be met: {alloc.note}")
+    for n, t in enumerate(chosen, 1):
+        t0 = time.perf_counter()
+        bits = alloc.bits[t.name]
+        spec = step.spec(bits)
+        w = t.weight_view().detach().float()
+        h = observers[t.name].hessian()
+        qt = gptq(w, h, spec).qtensor if step.method == "gptq" else rtn(w, spec).qtensor
+        err = _hessian_error(w, dequantize(qt).float(), h)
+        err_rtn = _hessian_error(w, dequantize(quantize(w, spec)).float(), h)
+        _install(model, t, qt, rec, _fmt(spec), err, err_rtn, time.perf_counter() - t0,
+                 f"{bits} bits chosen for a {alloc.bits_per_weight:.3f} bpw allocation "
+                 f"({'proven optimal' if alloc.optimal else 'near-optimal'})")
+        if report:
+            report(len(chosen) + n, 2 * len(chosen))
+
+
 # ---------------------------------------------------------------- helpers
+
+def _as_linear(w: torch.Tensor, bias) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if bias is not None:
+            lin.bias.copy_(bias.detach())
+    return lin
+
+
+def _sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    noise = float(((w - w_hat) ** 2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(float((w ** 2).sum()) / noise)
+
 
 def _install(model, t: Target, qt: QTensor, rec: StepRecord, fmt: str, err: float, err_rtn,
              seconds: float, note: str, input_scale: torch.Tensor | None = None) -> None:
@@ -192,9 +302,7 @@ def _install(model, t: Target, qt: QTensor, rec: StepRecord, fmt: str, err: floa
     new: nn.Module = ql if input_scale is None else InputScaled(ql, input_scale)
     replace_module(model, t.name, new)
     w = t.weight_view().detach().float()
-    w_hat = dequantize(qt).float()
-    noise = float(((w - w_hat) ** 2).sum())
-    sqnr = math.inf if noise == 0 else 10 * math.log10(float((w ** 2).sum()) / noise)
+    sqnr = _sqnr(w, dequantize(qt).float())
     rec.layers.append(LayerRecord(name=t.name, shape=(t.out_features, t.in_features), format=fmt,
                                   bytes_fp32=4 * w.numel(), bytes_stored=qt.nbytes, error=err,
                                   error_rtn=err_rtn, sqnr_db=sqnr, seconds=seconds, kernel=ql.kernel,

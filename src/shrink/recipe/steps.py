@@ -108,9 +108,55 @@ class KMeans:
             raise ValueError(f"kmeans: clusters must be an integer in 2..256, got {self.clusters!r}")
 
 
-Step = Union[RTN, GPTQ, AWQ, KMeans]
-STEP_TYPES: dict[str, type] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "kmeans": KMeans}
-NEEDS_CALIBRATION = (GPTQ, AWQ)
+@dataclass(frozen=True)
+class SmoothQuant:
+    """SmoothQuant W8A8: scales s = max|X|^alpha / max|W|^(1-alpha) moved from activations to
+    weights, int8 weights per channel, int8 activations per token at run time."""
+    alpha: float = 0.5
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"smoothquant: alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """Per-layer bit widths chosen to meet a budget (bits per weight, or bytes) at the least
+    total layer-output error, measured with calibration Hessians; then each layer is
+    quantized at its width with `method` (gptq or rtn)."""
+    bits_per_weight: float | None = None
+    max_bytes: int | None = None
+    candidates: tuple[int, ...] = (2, 3, 4, 8)
+    method: str = "gptq"
+    group_size: int | None = 128
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.bits_per_weight is None and self.max_bytes is None:
+            raise ValueError("mixed_precision: give bits_per_weight (e.g. 4.5) or max_bytes")
+        if self.bits_per_weight is not None and not 1.0 <= self.bits_per_weight <= 16.0:
+            raise ValueError(f"mixed_precision: bits_per_weight must be in [1, 16], got {self.bits_per_weight}")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError(f"mixed_precision: max_bytes must be positive, got {self.max_bytes}")
+        if not self.candidates or any(not 2 <= b <= 8 for b in self.candidates):
+            raise ValueError(f"mixed_precision: candidates must be bit widths in 2..8, got {list(self.candidates)}")
+        if self.method not in ("gptq", "rtn"):
+            raise ValueError(f"mixed_precision: method must be gptq or rtn, got {self.method!r}")
+        _check_group(self, self.group_size)
+        object.__setattr__(self, "candidates", tuple(sorted(set(self.candidates))))
+
+    def spec(self, bits: int) -> QuantSpec:
+        # 8 bits: symmetric per channel, nearly lossless and what the int8 CPU kernel runs
+        return _spec(8, None, True) if bits == 8 else _spec(bits, self.group_size, False)
+
+
+Step = Union[RTN, GPTQ, AWQ, KMeans, SmoothQuant, MixedPrecision]
+STEP_TYPES: dict[str, type] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "kmeans": KMeans,
+                               "smoothquant": SmoothQuant, "mixed_precision": MixedPrecision}
+NEEDS_CALIBRATION = (GPTQ, AWQ, SmoothQuant, MixedPrecision)
 
 def step_name(step) -> str:
     for name, cls in STEP_TYPES.items():
@@ -174,6 +220,20 @@ def _parse_step(index: int, item: Any):
 def _coerce(index: int, step: str, key: str, value: Any, field: dataclasses.Field):
     default = field.default
     where = f"recipe step {index} ({step}): field {key!r}"
+    if key == "candidates":
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{where} must be a list of bit widths, e.g. [2, 3, 4, 8]")
+        return tuple(value)
+    if key in ("bits_per_weight", "max_bytes") and value is None:
+        return None
+    if key == "bits_per_weight":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if key == "max_bytes":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer number of bytes, got {value!r}")
+        return value
     if key in ("include", "exclude"):
         if value is None:
             return None
@@ -232,4 +292,6 @@ BUILTIN = {
     "w4-awq": [AWQ()],
     "w3-gptq": [GPTQ(bits=3)],
     "kmeans16": [KMeans(clusters=16)],
+    "w8a8-smoothquant": [SmoothQuant()],
+    "mixed-4.5": [MixedPrecision(bits_per_weight=4.5)],
 }
