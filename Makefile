@@ -17,8 +17,10 @@ test: setup
 demo: setup
 	$(VENV)/bin/shrink demo -o demo-out
 
+# benchmarks, plus the tests marked slow (e.g. training the full tiny-gpt)
 bench: setup
 	$(PY) bench/run_all.py
+	$(PY) -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .hypothesis

@@ -11,4 +11,14 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module("shrink.plan")
+    # `shrink.load(name_or_path)`: built-in models, HF directories, weights files (shrink/models/io.py).
+    if name == "load":
+        from shrink.models.io import load
+
+        return load
+    # `shrink.compress(model, recipe, calibration=None, evaluate=None)` (shrink/recipe/run.py)
+    if name == "compress":
+        from shrink.recipe.run import compress
+
+        return compress
     raise AttributeError(f"module 'shrink' has no attribute {name!r}")

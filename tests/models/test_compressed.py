@@ -70,3 +70,15 @@ def test_spec_round_trip():
         assert spec_from_dict(spec_to_dict(spec), "t") == spec
     with pytest.raises(ValueError, match="unknown QuantSpec field"):
         spec_from_dict({"bitz": 4}, "here")
+
+
+def test_shrink_load_reads_a_compress_output_dir(minilm, tmp_path):
+    import shrink
+
+    model, x = minilm
+    res = compress(model, "w4-rtn")
+    save_compressed(res.model, tmp_path / "run" / "model", base={"kind": "hf"})
+    for where in (tmp_path / "run", tmp_path / "run" / "model"):
+        again = shrink.load(where)
+        with torch.no_grad():
+            assert torch.equal(res.model(**x).last_hidden_state, again(**x).last_hidden_state)

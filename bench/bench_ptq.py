@@ -1,0 +1,46 @@
+"""PTQ quality and time on the built-in models: each recipe side by side in one run.
+
+Run: .venv/bin/python bench/bench_ptq.py [--model minilm] [--model tiny-gpt] [--recipe ...]
+Prints a Markdown table: quality before/after, size, mean per-layer output error
+relative to round-to-nearest, and wall time. docs/BENCHMARKS.md records a run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from shrink.recipe import compress  # noqa: E402
+from shrink.recipe.job import prepare  # noqa: E402
+
+RECIPES = ["int8", "w8a8-smoothquant", "w4-rtn", "w4-gptq", "w4-awq", "mixed-4.5", "kmeans16", "w3-gptq"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", action="append", help="built-in model(s) (default: minilm and tiny-gpt)")
+    ap.add_argument("--recipe", action="append", help=f"recipe(s) (default: {' '.join(RECIPES)})")
+    ap.add_argument("--samples", type=int, default=64, help="calibration sequences")
+    ap.add_argument("--seq-len", type=int, default=128)
+    args = ap.parse_args()
+    for name in args.model or ["minilm", "tiny-gpt"]:
+        model, batches, metric, _ = prepare(name, n_samples=args.samples, seq_len=args.seq_len)
+        print(f"\n### {name}: {args.samples} x {args.seq_len} calibration tokens\n")
+        print("| recipe | quality before | after | size MB before | after | error vs RTN (mean per layer) | seconds |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for recipe in args.recipe or RECIPES:
+            t = time.perf_counter()
+            res = compress(model, recipe, calibration=batches, evaluate=metric)
+            secs = time.perf_counter() - t
+            b, c = res.metrics["baseline"], res.metrics["compressed"]
+            layers = [l for s in res.steps for l in s.layers if l.error_rtn]
+            ratio = f"{sum(l.error / l.error_rtn for l in layers) / len(layers):.3f}" if layers else "-"
+            q = b["quality"]["name"]
+            print(f"| {recipe} | {q} {b['quality']['value']:.4f} | {c['quality']['value']:.4f} | "
+                  f"{b['size_bytes'] / 1e6:.2f} | {c['size_bytes'] / 1e6:.2f} | {ratio} | {secs:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Loading models by name or path, and the cache the built-in models are trained into.
+
+`load(name_or_path)` returns an nn.Module in eval mode for:
+
+- a built-in name (API.md): ``minilm``, ``tiny-gpt``, ``digits-mlp``, ``digits-cnn``;
+- a Hugging Face model directory (config.json + weights);
+- a weights file (``.safetensors``; ``.bin``/``.pt``/``.pth`` read with
+  ``torch.load(weights_only=True)``) with a config.json beside it: a
+  transformers config, or a shrink digits config.
+
+Nothing is downloaded: transformers is always called with local_files_only.
+
+The cache: ``$SHRINK_CACHE`` if set, else ``~/.cache/shrink``; built-in models
+live in ``<cache>/models/<name>-<hash of their training config>/``. A model is
+built in a temporary directory beside its final place and renamed into it, under
+a lock file, so a reader never sees half a model and two processes never train
+the same one at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BUILTIN_NAMES = ("minilm", "tiny-gpt", "digits-mlp", "digits-cnn")
+TEXT_MODELS = ("minilm", "tiny-gpt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+# ----------------------------------------------------------------------------- the cache
+
+def cache_root() -> Path:
+    env = os.environ.get("SHRINK_CACHE", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "shrink"
+
+
+def models_cache(cache_dir: str | Path | None = None) -> Path:
+    """Where built-in models are cached: `cache_dir` (a cache root) or `cache_root()`, + /models."""
+    return (Path(cache_dir) if cache_dir is not None else cache_root()) / "models"
+
+
+def config_hash(obj) -> str:
+    """12 hex digits naming a JSON-able training configuration."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock held for the block; waits for another holder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+
+            f.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:  # LK_LOCK gives up after 10 s; keep waiting
+                    continue
+            try:
+                yield
+            finally:
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+            return
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def deterministic(seed: int, threads: int | None = None):
+    """Seeded, deterministic torch for a training block; the caller's RNG state,
+    deterministic-algorithms setting and (with `threads`) thread count are
+    restored afterwards. One thread suits tiny models, whose steps are too small
+    to share, and makes their bytes independent of the machine's core count."""
+    was, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was)
+            if threads is not None:
+                torch.set_num_threads(was_threads)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def build_cached(final: Path, required: tuple[str, ...], build: Callable[[Path], None]) -> Path:
+    """`final`, built by `build(tmp_dir)` unless it already holds the `required` files.
+
+    Only the lock holder builds; temporary directories left by a killed build
+    are removed by the next one. A directory missing a required file (someone
+    deleted part of the cache) is rebuilt.
+    """
+    def complete() -> bool:
+        return all((final / name).is_file() for name in required)
+
+    if complete():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(final.parent / f".{final.name}.lock"):
+        if complete():
+            return final
+        for stale in final.parent.glob(f".{final.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        try:
+            build(tmp)
+            _fsync_tree(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+# ----------------------------------------------------------------------------- names and paths
+
+def _unknown(name_or_path, why: str) -> str:
+    text = str(name_or_path)
+    close = difflib.get_close_matches(text.lower(), BUILTIN_NAMES, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{text!r}: {why}; built-in models: {', '.join(BUILTIN_NAMES)}{hint}"
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON config ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a model config must be a JSON object")
+    return config
+
+
+def _hf_class(config: dict, where: Path):
+    """The transformers class for a config: the named architecture if transformers
+    has it, else AutoModelForCausalLM for causal LMs, else AutoModel."""
+    import transformers
+
+    archs = config.get("architectures") or []
+    for arch in archs:
+        cls = getattr(transformers, str(arch), None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    if "model_type" not in config:
+        raise ValueError(f"{where}: config.json has neither a known 'architectures' entry nor a 'model_type'")
+    if any(str(a).endswith("ForCausalLM") for a in archs):
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def _load_hf_dir(path: Path) -> torch.nn.Module:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: a model directory needs a config.json")
+    config = _read_config(config_file)
+    if "shrink_model" in config:
+        return _load_weights_with_config(_weights_in(path), config, config_file)
+    cls = _hf_class(config, config_file)
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True)
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot load the model's weights ({e})") from e
+    return model.eval()
+
+
+def _weights_in(path: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt"):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path}: no model.safetensors (or pytorch_model.bin) in the directory")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from shrink.models.zoo import read_safetensors
+
+        return read_safetensors(path)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused or a corrupt file
+        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict (names -> tensors)")
+    return state
+
+
+def _mismatch(weights: Path, config_file: Path, missing, unexpected) -> ValueError:
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    return ValueError(
+        f"{weights}: weights do not match the model of {config_file}: "
+        f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+    )
+
+
+def _concrete_hf_class(cls, hf_config, config_file: Path):
+    """An Auto class resolved to the model class for this config (Auto classes
+    cannot build from a state dict alone)."""
+    if not cls.__module__.startswith("transformers.models.auto"):
+        return cls
+    try:
+        return cls._model_mapping[type(hf_config)]
+    except (KeyError, AttributeError):
+        raise ValueError(f"{config_file}: transformers has no {cls.__name__} for model_type "
+                         f"{hf_config.model_type!r}") from None
+
+
+def _load_weights_with_config(weights: Path, config: dict, config_file: Path) -> torch.nn.Module:
+    if "shrink_model" in config:
+        from shrink.models.digits import build_digits_model
+
+        model = build_digits_model(config, where=config_file)   # cheap: checked before the weights are read
+        state = _read_weights(weights)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{weights}: weights do not fit the model of {config_file} ({e})") from None
+        if missing or unexpected:
+            raise _mismatch(weights, config_file, missing, unexpected)
+        return model.eval()
+
+    import transformers
+
+    if "model_type" not in config:
+        raise ValueError(f"{config_file}: a transformers config needs a 'model_type'")
+    hf_config = transformers.AutoConfig.from_pretrained(str(config_file.parent), local_files_only=True)
+    cls = _concrete_hf_class(_hf_class(config, config_file), hf_config, config_file)
+    state = _read_weights(weights)
+    # from_pretrained with a state dict: built without a random init, tied weights tied, as from a directory
+    try:
+        model, info = cls.from_pretrained(None, config=hf_config, state_dict=state, output_loading_info=True)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{weights}: weights do not fit the model of {config_file} ({e})") from None
+    if info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys"):
+        raise _mismatch(weights, config_file, info["missing_keys"], info["unexpected_keys"])
+    return model.eval()
+
+
+def _load_builtin(name: str, progress) -> torch.nn.Module:
+    if name == "minilm":
+        from shrink.models.zoo import minilm_dir
+
+        return _load_hf_dir(minilm_dir())
+    if name == "tiny-gpt":
+        from shrink.models.tiny_gpt import load_tiny_gpt
+
+        return load_tiny_gpt(progress=progress)[0]
+    from shrink.models.digits import load_digits_model
+
+    return load_digits_model(name, progress=progress)
+
+
+def load(name_or_path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> torch.nn.Module:
+    """A model in eval mode, by built-in name or path (see the module docstring).
+
+    `tiny-gpt` and the digits models are trained on first use and cached;
+    `progress(step)` reports training steps.
+    """
+    if isinstance(name_or_path, str) and name_or_path in BUILTIN_NAMES:
+        return _load_builtin(name_or_path, progress)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"load: expected a name or a path, got {type(name_or_path).__name__}")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        from shrink.models.compressed import is_compressed_dir, load_compressed
+
+        for candidate in (path, path / "model"):  # a compressed model, or the DIR `shrink compress` wrote
+            if is_compressed_dir(candidate):
+                return load_compressed(candidate, build_builtin=lambda name: _load_builtin(name, None))
+        return _load_hf_dir(path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix not in WEIGHT_SUFFIXES:
+            raise ValueError(_unknown(path, f"unsupported file type {suffix or '(none)'}; expected a model "
+                                      f"directory or a weights file ({', '.join(WEIGHT_SUFFIXES)}) with a config.json beside it"))
+        config_file = path.parent / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path}: a weights file needs a config.json beside it ({config_file} is missing)")
+        return _load_weights_with_config(path, _read_config(config_file), config_file)
+    raise FileNotFoundError(_unknown(name_or_path, "no such file or directory, and not a built-in model name"))
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, progress: Callable[[int], None] | None = None):
+    """The tokenizer of a text model: a built-in name, a model directory, or a weights file's directory."""
+    from transformers import AutoTokenizer
+
+    if isinstance(name_or_path, str) and name_or_path in BUILTIN_NAMES:
+        if name_or_path == "minilm":
+            from shrink.models.zoo import minilm_dir
+
+            path = minilm_dir()
+        elif name_or_path == "tiny-gpt":
+            from shrink.models.tiny_gpt import tiny_gpt_dir
+
+            path = tiny_gpt_dir(progress=progress)
+        else:
+            raise ValueError(f"{name_or_path!r} is an image classifier with no tokenizer; text models: {', '.join(TEXT_MODELS)}")
+    else:
+        path = Path(name_or_path).expanduser()
+        if path.is_file():
+            path = path.parent
+        if not path.is_dir():
+            raise FileNotFoundError(_unknown(name_or_path, "no such file or directory, and not a built-in model name"))
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json or vocab.txt)")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
