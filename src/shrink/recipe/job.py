@@ -42,8 +42,7 @@ def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_l
         from shrink.models.digits import digits_data
 
         split = digits_data()
-        x = split.x_test if name == "digits-mlp" else split.x_test.reshape(-1, 1, 8, 8)
-        return model, None, accuracy_metric(x, split.y_test), {"kind": "builtin", "name": name}
+        return model, None, accuracy_metric(split.x_test, split.y_test), {"kind": "builtin", "name": name}
     base = {"kind": "hf"} if getattr(model, "config", None) is not None else {"kind": "builtin", "name": name}
     try:
         tok = load_tokenizer(model_ref)

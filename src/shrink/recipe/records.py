@@ -67,8 +67,19 @@ def model_nbytes(model: nn.Module) -> int:
 
 
 def model_params(model: nn.Module) -> int:
+    """Parameters the model computes with: packed layers count their logical weights
+    (out x in) and bias, shared tensors once."""
+    from shrink.modules.quant_linear import QuantLinear
+    from shrink.modules.w8a8_linear import W8A8Linear
+
     seen: set[int] = set()
     n = 0
+    for mod in model.modules():
+        if isinstance(mod, (QuantLinear, W8A8Linear)):
+            n += mod.in_features * mod.out_features
+            if mod.bias is not None and mod.bias.data_ptr() not in seen:
+                n += mod.bias.numel()
+            seen.update(t.data_ptr() for t in mod.parameters(recurse=False))
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())

@@ -1,0 +1,49 @@
+"""`shrink compress`: DIR/result.json and DIR/model agree with each other and with the model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "shrink", *args], capture_output=True, text=True, timeout=900,
+                          env={"HF_HUB_OFFLINE": "1", **__import__("os").environ})
+
+
+def test_compress_digits_writes_a_result_that_matches_the_saved_model(tmp_path):
+    import shrink
+    from shrink.models.digits import digits_data
+
+    out = tmp_path / "run"
+    r = run("compress", "digits-mlp", "--recipe", "int8", "-o", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc == json.loads((out / "result.json").read_text())
+    for key in ("recipe", "baseline", "compressed", "steps"):
+        assert key in doc
+    assert doc["recipe"] == [{"rtn": {"bits": 8, "symmetric": False, "observer": "minmax"} | {"symmetric": True}}]
+    assert doc["compressed"]["params"] == doc["baseline"]["params"]
+    # quality recomputed from the saved model equals what result.json says
+    model = shrink.load(out)
+    split = digits_data()
+    with torch.no_grad():
+        acc = float((model(split.x_test).argmax(-1) == split.y_test).float().mean())
+    assert acc == doc["compressed"]["quality"]["value"]
+    assert doc["compressed"]["quality"]["value"] >= doc["baseline"]["quality"]["value"] - 0.01
+    # sizes: the layers' stored bytes add up to what was saved
+    layers = doc["steps"][0]["layers"]
+    saved = sum(l["bytes_fp32"] - l["bytes_stored"] for l in layers)
+    assert doc["baseline"]["size_bytes"] - doc["compressed"]["size_bytes"] == saved
+
+
+def test_compress_bad_input_is_one_line_exit_2(tmp_path):
+    for args, needle in ((["compress", "digits-mlp", "--recipe", "w4-gptk", "-o", str(tmp_path / "a")], "w4-gptq"),
+                         (["compress", "no-such-model", "--recipe", "int8", "-o", str(tmp_path / "b")], "no-such-model"),
+                         (["compress", "digits-mlp", "--recipe", "w4-gptq", "-o", str(tmp_path / "c")], "calibration")):
+        r = run(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
