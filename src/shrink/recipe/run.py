@@ -109,13 +109,7 @@ def _data_free(model, step, targets: list[Target], rec: StepRecord, report) -> N
 def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
     spec = step.spec()
     runner = SequentialRunner(model, targets=targets)
-    observers: dict[str, HessianObserver] = {}
-
-    def on_input(name: str, x: torch.Tensor) -> None:
-        obs = observers.get(name)
-        if obs is None:
-            obs = observers[name] = HessianObserver(x.shape[-1])
-        obs.observe(x.detach())
+    observers, on_input = _hessian_collector()
 
     done = [0]
 
@@ -145,10 +139,7 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
                 report(done[0], len(targets))
 
     runner.run(batches, process_block, on_input=on_input)
-    for t in runner.unassigned:  # outside the repeated blocks (e.g. a pooler): no block inputs
-        qt = rtn(t.weight_view().detach(), spec).qtensor
-        err = float(((dequantize(qt).float() - t.weight_view().detach().float()) ** 2).mean())
-        _install(model, t, qt, rec, _fmt(spec), err, None, 0.0, "outside the transformer blocks: RTN")
+    _rtn_outside_blocks(model, runner, spec, rec)
 
 
 def _awq(model, step: AWQ, targets, batches, rec: StepRecord, report) -> None:
@@ -184,10 +175,7 @@ def _awq(model, step: AWQ, targets, batches, rec: StepRecord, report) -> None:
                 report(done[0], len(targets))
 
     runner.run(batches, process_block, on_input=on_input)
-    for t in runner.unassigned:
-        qt = rtn(t.weight_view().detach(), spec).qtensor
-        err = float(((dequantize(qt).float() - t.weight_view().detach().float()) ** 2).mean())
-        _install(model, t, qt, rec, _fmt(spec), err, None, 0.0, "outside the transformer blocks: RTN")
+    _rtn_outside_blocks(model, runner, spec, rec)
 
 
 def _smoothquant(model, step: SmoothQuant, targets, batches, rec: StepRecord, report) -> None:
@@ -241,13 +229,7 @@ def _mixed(model, step: MixedPrecision, targets, batches, rec: StepRecord, repor
     """One pass of the float model collects each layer's Hessian; sensitivities at every
     candidate width feed the allocation; then each layer is quantized at its width."""
     runner = SequentialRunner(model, targets=targets)
-    observers: dict[str, HessianObserver] = {}
-
-    def on_input(name: str, x: torch.Tensor) -> None:
-        obs = observers.get(name)
-        if obs is None:
-            obs = observers[name] = HessianObserver(x.shape[-1])
-        obs.observe(x.detach())
+    observers, on_input = _hessian_collector()
 
     runner.run(batches, on_input=on_input)
     chosen = [t for t in targets if t.name in observers]
@@ -280,6 +262,28 @@ def _mixed(model, step: MixedPrecision, targets, batches, rec: StepRecord, repor
 
 
 # ---------------------------------------------------------------- helpers
+
+def _hessian_collector():
+    """({target name: HessianObserver}, an on_input callback feeding them)."""
+    observers: dict[str, HessianObserver] = {}
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        obs = observers.get(name)
+        if obs is None:
+            obs = observers[name] = HessianObserver(x.shape[-1])
+        obs.observe(x.detach())
+
+    return observers, on_input
+
+
+def _rtn_outside_blocks(model, runner, spec: QuantSpec, rec: StepRecord) -> None:
+    """Targets outside the repeated blocks (e.g. a pooler) see no block inputs: RTN, said so."""
+    for t in runner.unassigned:
+        w = t.weight_view().detach()
+        qt = rtn(w, spec).qtensor
+        err = float(((dequantize(qt).float() - w.float()) ** 2).mean())
+        _install(model, t, qt, rec, _fmt(spec), err, None, 0.0, "outside the transformer blocks: RTN")
+
 
 def _as_linear(w: torch.Tensor, bias) -> nn.Linear:
     lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
