@@ -54,7 +54,13 @@ def logits(model, tokenizer, text=PROBE) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- tiny-gpt
 
+# The first test to ask for `tiny_gpt` pays for its training on a fresh machine: more
+# than pytest's default per-test limit where the cores are shared with other work.
+TRAINING_TIMEOUT = pytest.mark.timeout(1800)
+
+
 @pytest.mark.slow  # trains the full tiny-gpt on first use (minutes on 2 cores): make bench
+@TRAINING_TIMEOUT
 def test_tiny_gpt_is_far_better_than_the_baselines(tiny_gpt):
     model, tok, directory = tiny_gpt
     record = json.loads((directory / "training.json").read_text())
@@ -76,6 +82,7 @@ def test_tiny_gpt_is_far_better_than_the_baselines(tiny_gpt):
 
 
 @pytest.mark.slow
+@TRAINING_TIMEOUT
 def test_tiny_gpt_reloads_bit_exactly(tiny_gpt):
     model, tok, directory = tiny_gpt
     again = shrink.load("tiny-gpt")
@@ -192,7 +199,8 @@ def test_digits_models_are_accurate(name):
 
 # ----------------------------------------------------------------------------- shrink.load
 
-@pytest.mark.parametrize("name", ["minilm", pytest.param("tiny-gpt", marks=pytest.mark.slow), "digits-mlp", "digits-cnn"])
+@pytest.mark.parametrize("name", ["minilm", pytest.param("tiny-gpt", marks=[pytest.mark.slow, TRAINING_TIMEOUT]),
+                                  "digits-mlp", "digits-cnn"])
 def test_load_every_builtin(name, request):
     if name == "tiny-gpt":
         request.getfixturevalue("tiny_gpt")      # trained (or found) once for the session
