@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from shrink.formats import packed_nbytes
 from shrink.quant import QTensor, QuantSpec, quantize
 from shrink.quant.blocks import layout_for
+from shrink.modules._buffers import fixed_buffers, restore_dtypes
 
 KERNELS = ("int4pack_cpu", "int8pack_cpu", "reference")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
@@ -288,12 +289,9 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .half()/.to(dtype) would re-round the scales and change the numerics; devices may change
-        kept = {n: self._buffers[n] for n in _FIXED_DTYPE if self._buffers.get(n) is not None}
+        kept = fixed_buffers(self, _FIXED_DTYPE)
         super()._apply(fn, recurse)
-        for name, old in kept.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
+        restore_dtypes(self, kept)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -35,6 +35,7 @@ from torch import nn
 
 from shrink.algos.smoothquant import quantize_per_token
 from shrink.quant import QuantSpec, quantize
+from shrink.modules._buffers import fixed_buffers, restore_dtypes
 
 KERNELS = ("int_mm", "float64")
 WEIGHT_SPEC = QuantSpec(bits=8)  # symmetric per output channel, fp16 scales, codes -127..127
@@ -149,12 +150,9 @@ class W8A8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .half()/.to(dtype) would re-round the scales and change the numerics; devices may change
-        kept = {n: self._buffers[n] for n in _FIXED_DTYPE if self._buffers.get(n) is not None}
+        kept = fixed_buffers(self, _FIXED_DTYPE)
         super()._apply(fn, recurse)
-        for name, old in kept.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
+        restore_dtypes(self, kept)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
