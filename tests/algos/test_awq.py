@@ -73,3 +73,19 @@ def test_inputs_not_modified_and_bad_input(minilm_activations):
     bad[3, 5] = float("nan")
     with pytest.raises(ValueError, match=r"\(3, 5\)"):
         awq(bad, x, W4)
+
+
+def test_given_scales_skip_the_search_and_reproduce_it(minilm_activations):
+    w, x = minilm_activations["encoder.layer.2.intermediate.dense"]
+    x = x[:512]
+    searched = awq(w, x, W4, **FAST)
+    again = awq(w, x, W4, scales=searched.scales, **FAST)
+    assert torch.equal(again.qtensors[0].int_codes(), searched.qtensors[0].int_codes())
+    assert again.error == pytest.approx(searched.error, rel=1e-6) and again.errors_by_alpha == ()
+    # a row-rescaled weight (a fold from the next layer) quantizes to the rescaled grid
+    r = torch.rand(w.shape[0], generator=torch.Generator().manual_seed(0)) + 0.5
+    scaled = awq(w / r[:, None], x, W4, scales=searched.scales, **FAST)
+    ratio = scaled.error / out_err(x, w / r[:, None], dequantize(quantize(w / r[:, None], W4)).float())
+    assert ratio <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="finite positive"):
+        awq(w, x, W4, scales=-searched.scales)

@@ -58,9 +58,13 @@ def awq(
     max_shrink: float = 0.5,
     max_tokens: int = 4096,
     seed: int = 0,
+    scales: torch.Tensor | None = None,
 ) -> AWQResult:
     """Search AWQ scales for weights that share the input x ([..., in]; q/k/v or gate/up
-    share one search) and quantize the scaled weights under `spec` (an int spec)."""
+    share one search) and quantize the scaled weights under `spec` (an int spec).
+
+    scales: use these [in] instead of searching (alpha is then NaN and errors_by_alpha
+    empty); the clipping search still runs. Used after a fold changed a weight's rows."""
     ws = [weights] if isinstance(weights, torch.Tensor) else list(weights)
     if not ws:
         raise ValueError("awq: no weights given")
@@ -86,8 +90,14 @@ def awq(
     def error(effective: list[torch.Tensor]) -> float:
         return sum(float(((x @ e.T - r) ** 2).mean()) for e, r in zip(effective, refs))
 
-    errors = []
+    errors: list[float] = []
     best = (math.inf, 0.0, torch.ones(in_features))
+    if scales is not None:
+        s = scales.detach().to(torch.float32).reshape(-1)
+        if s.numel() != in_features or not torch.isfinite(s).all() or bool((s <= 0).any()):
+            raise ValueError(f"awq: scales must be {in_features} finite positive values")
+        best = (math.nan, math.nan, s)
+        grid = 0
     for i in range(grid):
         alpha = i / grid
         s = _scales(x_mean, alpha)
@@ -108,7 +118,8 @@ def awq(
         else:
             qts.append(q_plain)
     final = error([dequantize(q).to(torch.float32) / s for q in qts])
-    return AWQResult(scales=s, alpha=alpha, qtensors=tuple(qts), error_rtn=errors[0], error=final,
+    err_rtn = errors[0] if errors else error([dequantize(quantize(w, spec)).to(torch.float32) for w in ws32])
+    return AWQResult(scales=s, alpha=alpha, qtensors=tuple(qts), error_rtn=err_rtn, error=final,
                      errors_by_alpha=tuple(errors))
 
 

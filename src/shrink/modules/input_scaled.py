@@ -3,7 +3,7 @@
 AWQ and SmoothQuant move a per-channel scale from the weights to the input.
 Folding it into the previous LayerNorm or Linear is free at run time; where
 that op is not known (or is shared with other consumers) the scale is kept
-here instead: one multiply per input element, recorded as "not folded"."""
+here instead: one multiply per input element, recorded as "scales kept in the layer"."""
 from __future__ import annotations
 
 import torch

@@ -21,7 +21,7 @@ from shrink.modules.quant_linear import QuantLinear
 from shrink.modules.w8a8_linear import W8A8Linear
 from shrink.observe import HessianObserver
 from shrink.quant import QTensor, QuantSpec, check_finite, dequantize, quantize
-from shrink.surgery import SequentialRunner, Target, replace_module, select_modules
+from shrink.surgery import SequentialRunner, Target, find_fold_source, fold_into, replace_module, select_modules
 
 from .records import LayerRecord, StepRecord, model_nbytes, model_params
 from .steps import AWQ, GPTQ, NEEDS_CALIBRATION, RTN, KMeans, MixedPrecision, SmoothQuant, parse_recipe, step_to_dict
@@ -143,6 +143,8 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
 
 
 def _awq(model, step: AWQ, targets, batches, rec: StepRecord, report) -> None:
+    """Per block: search every group's scales on the float block, fold them into the
+    norm or Linear before it where the block's output proves that exact, then quantize."""
     spec = step.spec()
     runner = SequentialRunner(model, targets=targets)
     inputs: dict[str, list[torch.Tensor]] = {}
@@ -155,19 +157,29 @@ def _awq(model, step: AWQ, targets, batches, rec: StepRecord, report) -> None:
     done = [0]
 
     def process_block(i: int, block: nn.Module, block_targets: list[Target]) -> None:
-        for group in _share_input(block_targets, None, inputs):
+        groups = _share_input(block_targets, None, inputs)
+        found = []
+        for group in groups:
             t0 = time.perf_counter()
             x = torch.cat(inputs[group[0].name])
+            res = awq([t.weight_view().detach().float() for t in group], x, spec, grid=step.grid)
+            found.append((group, x, res, time.perf_counter() - t0))
+        sources = _fold_all(model, runner, i, [(g, r.scales) for g, _, r, _ in found])
+        for (group, x, res, secs), source in zip(found, sources):
+            t0 = time.perf_counter()
             ws = [t.weight_view().detach().float() for t in group]
-            res = awq(ws, x, spec, grid=step.grid)
-            per = (time.perf_counter() - t0) / len(group)
-            for t, w, qt in zip(group, ws, res.qtensors):
+            qts = res.qtensors
+            if any(t.name in sources.changed for t in group):  # a later fold rescaled these rows
+                qts = awq(ws, x, spec, scales=res.scales).qtensors
+            per = (secs + time.perf_counter() - t0) / len(group)
+            for t, w, qt in zip(group, ws, qts):
                 eff = dequantize(qt).float() / res.scales
                 err = float(((x @ eff.T - x @ w.T) ** 2).mean())
                 err_rtn = float(((x @ dequantize(quantize(w, spec)).float().T - x @ w.T) ** 2).mean())
-                _install(model, t, qt, rec, _fmt(spec), err, err_rtn, per,
-                         f"alpha={res.alpha:.2f}; input scale kept in the layer (not folded)",
-                         input_scale=1.0 / res.scales)
+                where = (f"scales folded into {source.name}" if source is not None else
+                         "scales kept in the layer (no norm or Linear before it can absorb them exactly)")
+                _install(model, t, qt, rec, _fmt(spec), err, err_rtn, per, f"alpha={res.alpha:.2f}; {where}",
+                         input_scale=None if source is not None else 1.0 / res.scales)
             for t in group:
                 inputs.pop(t.name, None)
             done[0] += len(group)
@@ -176,6 +188,27 @@ def _awq(model, step: AWQ, targets, batches, rec: StepRecord, report) -> None:
 
     runner.run(batches, process_block, on_input=on_input)
     _rtn_outside_blocks(model, runner, spec, rec)
+
+
+class _Folds(list):
+    """One FoldSource or None per group, and the target names whose rows a fold rescaled."""
+
+    changed: set
+
+
+def _fold_all(model, runner: SequentialRunner, i: int, groups_scales) -> _Folds:
+    """Find (on a copy of the block) and apply each group's fold; before any quantization,
+    so that a Linear source (v_proj, up_proj) is still float when its rows take the scale."""
+    block = model.get_submodule(runner.block_names[i])
+    folds = _Folds()
+    folds.changed = set()
+    for group, s in groups_scales:
+        source = find_fold_source(block, runner.block_names[i], group, runner.sample_forward)
+        if source is not None:
+            fold_into(model, source, s)
+            folds.changed.add(source.name)
+        folds.append(source)
+    return folds
 
 
 def _smoothquant(model, step: SmoothQuant, targets, batches, rec: StepRecord, report) -> None:
@@ -193,29 +226,40 @@ def _smoothquant(model, step: SmoothQuant, targets, batches, rec: StepRecord, re
     done = [0]
 
     def process_block(i: int, block: nn.Module, block_targets: list[Target]) -> None:
-        for group in _share_input(block_targets, None, {t.name: [absmax[t.name]] for t in block_targets}):
+        groups = _share_input(block_targets, None, {t.name: [absmax[t.name]] for t in block_targets})
+        scales = []
+        for group in groups:
             t0 = time.perf_counter()
-            ws = [t.weight_view().detach().float() for t in group]
-            s = smoothquant_scales(absmax[group[0].name], ws, alpha=step.alpha)
-            per = (time.perf_counter() - t0) / len(group)
+            s = smoothquant_scales(absmax[group[0].name], [t.weight_view().detach().float() for t in group],
+                                   alpha=step.alpha)
+            scales.append((s, time.perf_counter() - t0))
+        sources = _fold_all(model, runner, i, [(g, s) for g, (s, _) in zip(groups, scales)])
+        for group, (s, secs), source in zip(groups, scales, sources):
             x = samples[group[0].name]
-            for t, w in zip(group, ws):
+            for t in group:
                 t1 = time.perf_counter()
+                w = t.weight_view().detach().float()
                 bias = getattr(t.module, "bias", None)
                 lin = _as_linear(w, bias)
-                smoothed = W8A8Linear.from_linear(lin, smooth_scale=s)
+                if source is not None:  # the input already arrives divided by s
+                    smoothed = W8A8Linear.from_linear(_as_linear(w * s, bias))
+                    where = f"scales folded into {source.name}"
+                else:
+                    smoothed = W8A8Linear.from_linear(lin, smooth_scale=s)
+                    where = "scales kept in the layer (no norm or Linear before it can absorb them exactly)"
                 plain = W8A8Linear.from_linear(lin)
                 with torch.no_grad():
                     ref = lin(x)
-                    err = float(((smoothed(x) - ref) ** 2).mean())
+                    got = smoothed(x / s) if source is not None else smoothed(x)
+                    err = float(((got - ref) ** 2).mean())
                     err_plain = float(((plain(x) - ref) ** 2).mean())
                 replace_module(model, t.name, smoothed)
                 rec.layers.append(LayerRecord(
                     name=t.name, shape=(t.out_features, t.in_features), format="w8a8", bytes_fp32=4 * w.numel(),
                     bytes_stored=smoothed.nbytes, error=err, error_rtn=err_plain,
                     sqnr_db=_sqnr(w * s, smoothed.dequantized_weight().float()),
-                    seconds=per + time.perf_counter() - t1, kernel=smoothed.kernel,
-                    note=f"alpha={step.alpha}; error_rtn is W8A8 without smoothing; scales kept in the layer"))
+                    seconds=secs / len(group) + time.perf_counter() - t1, kernel=smoothed.kernel,
+                    note=f"alpha={step.alpha}; error_rtn is W8A8 without smoothing; {where}"))
             done[0] += len(group)
             if report:
                 report(done[0], len(targets))

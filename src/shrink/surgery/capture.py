@@ -261,6 +261,16 @@ class _EvalMode:
             m.training = mode
 
 
+class _SampleForward:
+    """block -> its hidden states on the first calibration batch of the block being processed."""
+
+    def __init__(self, call: BlockCall, hidden: torch.Tensor):
+        self.call, self.hidden = call, hidden
+
+    def __call__(self, block: nn.Module) -> torch.Tensor:
+        return _hidden_of(block, self.call(block, self.hidden))
+
+
 class SequentialRunner:
     """Run calibration block by block; see the module docstring.
 
@@ -297,6 +307,8 @@ class SequentialRunner:
             (self.unassigned if i is None else self.block_targets[i]).append(t)
         self.keys = layer_keys(model, len(self.blocks))
         self.forward_kwargs = forward_kwargs
+        # During process_block: block -> hidden states on the current block's first batch.
+        self.sample_forward: _SampleForward | None = None
 
     def run(self, batches: Iterable, process_block: ProcessBlock | None = None, *,
             on_input: OnInput | None = None, progress: Progress | None = None) -> list[torch.Tensor]:
@@ -328,7 +340,10 @@ class SequentialRunner:
                     # Without process_block these outputs are final; with it they are stale, so not kept.
                     self._observe(block, key, targets, hidden, calls, on_input, keep=process_block is None)
                 if process_block is not None:
+                    # process_block may check an edit on the block's real input (surgery.fold does)
+                    self.sample_forward = _SampleForward(calls[0][key], hidden[0])
                     process_block(i, block, list(targets))
+                    self.sample_forward = None
                     # process_block may have replaced the block itself (a Sequential's Linear "block").
                     block = self.model.get_submodule(self.block_names[i])
                 if process_block is not None or on_input is None:
