@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shrink.formats import packed_nbytes
 from shrink.quant import QTensor, QuantSpec, quantize
-from shrink.quant.blocks import layout_for
 from shrink.modules._buffers import fixed_buffers, restore_dtypes
+from shrink.modules._packed import format_name as _format_name
+from shrink.modules._packed import placeholder_storage, stored_dtype_errors, stored_qtensor
 
 KERNELS = ("int4pack_cpu", "int8pack_cpu", "reference")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
@@ -119,15 +119,7 @@ class QuantLinear(nn.Module):
         _check_dims(in_features, out_features)
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"QuantLinear: spec must be a QuantSpec, got {type(spec).__name__}")
-        lay = layout_for(torch.Size((out_features, in_features)), spec)
-        grid = spec.grid()
-        numel = out_features * in_features
-        if grid.bits <= 8:
-            codes = torch.zeros(packed_nbytes(numel, grid.bits), dtype=torch.uint8)
-        else:
-            codes = torch.zeros(numel, dtype=grid.code_dtype)
-        scales = torch.ones(lay.param_shape, dtype=spec.scale_dtype) if spec.has_scale else None
-        zeros = torch.zeros(lay.param_shape, dtype=spec.scale_dtype) if spec.has_zero_point else None
+        codes, scales, zeros = placeholder_storage(torch.Size((out_features, in_features)), spec)
         b = torch.zeros(out_features, dtype=weight_dtype) if bias else None
         self._setup(in_features, out_features, spec, weight_dtype, codes, scales, zeros, b, kernel, cache_weight)
 
@@ -251,9 +243,7 @@ class QuantLinear(nn.Module):
 
     def to_qtensor(self) -> QTensor:
         """The stored weight as a QTensor (sharing the module's buffers)."""
-        return QTensor(data=self.codes, shape=torch.Size((self.out_features, self.in_features)),
-                       dtype=self.weight_dtype, spec=self.spec, grid=self._grid,
-                       scale=self.scales, zero_point=self.zeros)
+        return stored_qtensor(self, torch.Size((self.out_features, self.in_features)))
 
     def dequantized_weight(self) -> torch.Tensor:
         """W_hat = (q - zero_point) * scale as [out_features, in_features] in weight_dtype."""
@@ -276,11 +266,7 @@ class QuantLinear(nn.Module):
         return text + (f", kernel_reason={self.kernel_reason!r}" if self.kernel_reason else "")
 
     def _cpu_qtensor(self) -> QTensor:
-        # unpacking runs on the CPU (shrink.formats packs with numpy)
-        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
-        qt = self.to_qtensor()
-        return QTensor(data=cpu(qt.data), shape=qt.shape, dtype=qt.dtype, spec=qt.spec, grid=qt.grid,
-                       scale=cpu(qt.scale), zero_point=cpu(qt.zero_point))
+        return stored_qtensor(self, torch.Size((self.out_features, self.in_features)), cpu=True)
 
     def _dequantize(self, device: torch.device) -> torch.Tensor:
         return self._cpu_qtensor().dequantize().to(device)
@@ -296,14 +282,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         n_errors = len(error_msgs)
-        for name in ("codes", "scales", "zeros"):
-            mine, theirs = self._buffers.get(name), state_dict.get(prefix + name)
-            if mine is not None and isinstance(theirs, torch.Tensor) and theirs.dtype != mine.dtype:
-                error_msgs.append(
-                    f"{prefix}{name} is stored as {theirs.dtype} but this QuantLinear keeps {mine.dtype} "
-                    f"(spec {self.spec}); casting would change the quantized values - build the module with a "
-                    "matching spec (e.g. scale_dtype)"
-                )
+        error_msgs.extend(stored_dtype_errors(self, state_dict, prefix))
         if len(error_msgs) > n_errors:
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -336,13 +315,3 @@ def _check_dims(in_features, out_features) -> None:
     for name, v in (("in_features", in_features), ("out_features", out_features)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"QuantLinear: {name} must be a positive integer, got {v!r}")
-
-
-def _format_name(spec: QuantSpec) -> str:
-    if spec.format != "int":
-        name = spec.format
-    else:
-        name = f"int{spec.bits}" + ("" if spec.symmetric else " asymmetric")
-    if spec.granularity == "group":
-        return f"{name} per group of {spec.group_size}"
-    return f"{name} per {spec.granularity}"
