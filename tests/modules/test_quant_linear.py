@@ -282,3 +282,54 @@ def test_forward_is_thread_safe_and_leaves_state_untouched():
         t.join()
     assert not errors and len(results) == 80 and all(results)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+# ------------------------------------------------------------------ the lean forward's branches
+
+
+@pytest.mark.parametrize("name", ["int4-g128", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_input_dtype_and_layout_matches_the_reference_path(name, dtype):
+    """bf16 in (no casts, bias added in place), fp32 in (cast and bias add fused by promotion),
+    fp16 in (cast both ways), 3-D and permuted inputs: all against the dequantize path."""
+    spec, _ = KERNEL_SPECS[name]
+    qt, b = quantize(_rand(96, 256, seed=4), spec), _rand(96, seed=5)
+    fast = QuantLinear.from_qtensor(qt, b)
+    ref = QuantLinear.from_qtensor(qt, b, kernel="reference")
+    if dtype == torch.bfloat16:
+        fast, ref = fast.to(dtype), ref.to(dtype)
+    inputs = [torch.randn(1, 256), torch.randn(2, 3, 256), torch.randn(256, 5).t(), torch.randn(2, 256, 4).transpose(1, 2)]
+    for x in inputs:
+        x = x.to(dtype)
+        with torch.inference_mode():
+            y, want = fast(x), ref(x.bfloat16().to(dtype))
+        assert y.dtype == dtype and y.shape == want.shape
+        scale = float(want.float().abs().max())
+        # bf16 kernel vs reference (see the module docstring): a few bf16 ulps of max |y|
+        assert float((y.float() - want.float()).abs().max()) <= 12 * U * scale + 1e-6
+
+
+def test_fp32_bias_is_added_after_the_bf16_rounding_as_before():
+    """torch.add(bias, y_bf16) must equal the former y.to(fp32) + bias exactly."""
+    qt, b = quantize(_rand(64, 256, seed=6), INT4_G128), _rand(64, seed=7)
+    m = QuantLinear.from_qtensor(qt, b)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        raw = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), m._kernel_weight, m._kernel_group,
+                                                          m._kernel_scales)
+        assert torch.equal(m(x), raw.float() + b)
+
+
+def test_fast_path_follows_the_module_through_casts_and_loads():
+    qt = quantize(_rand(64, 256, seed=8), INT4_G128)
+    m = QuantLinear.from_qtensor(qt, _rand(64)).to(torch.bfloat16)
+    assert m._fast[0] is m._kernel_weight and m._fast[1] is m._kernel_scales
+    other = QuantLinear.from_qtensor(quantize(_rand(64, 256, seed=9), INT4_G128), _rand(64))
+    m = m.float()
+    m.load_state_dict(other.state_dict())
+    assert m._fast[0] is m._kernel_weight
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), other(x), rtol=0, atol=0)
+    m.to("meta")
+    assert m._fast is None  # a module off the CPU takes the reference path

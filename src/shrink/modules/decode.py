@@ -1,0 +1,93 @@
+"""Greedy decoding with a KV cache: a lean loop for batch-1 CPU speed.
+
+transformers' `generate` spends a share of every step on machinery a plain
+greedy decode does not need (logits processors, stopping criteria, input
+preparation, the full-vocabulary logits of every prompt position). This loop
+calls the model once per token with the cache, the cache position and
+`logits_to_keep=1`, and takes the argmax: the same tokens as
+`generate(do_sample=False)`, timed, prefill apart from decode.
+
+`threads` sets torch's intra-op thread count for the call only (restored after):
+on a small shared CPU a batch-1 decode is a chain of ~10-100 us kernels, and
+each one that splits over 2 threads waits at a barrier for the slower thread;
+when another process holds a core that wait is a scheduler time slice, and the
+decode slows several-fold. One thread avoids it at the price of one core's
+memory bandwidth (docs/BENCHMARKS.md has the numbers).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """tokens: [batch, prompt + new] (the prompt included). prefill_s: the prompt's
+    forward, which yields the first new token; decode_s: the other new_tokens - 1 steps."""
+    tokens: torch.Tensor
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed, prompt processing excluded (as llama.cpp's "tg" figure)."""
+        steps = self.new_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None):
+    """torch.set_num_threads(threads) inside the block, the previous count restored after (None: unchanged)."""
+    if threads is None:
+        yield
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
+                  eos_token_id: int | None = None, threads: int | None = None) -> DecodeResult:
+    """Greedy decode `max_new_tokens` after `input_ids` ([batch, prompt] token ids, no
+    padding) with a transformers causal LM and a dynamic KV cache, under inference_mode.
+    Stops early when every sequence has just produced `eos_token_id`."""
+    from transformers import DynamicCache
+
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError("greedy_decode: input_ids must be a [batch, prompt] tensor with at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"greedy_decode: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    n_prompt = int(input_ids.shape[1])
+    device = input_ids.device
+    out_tokens = [input_ids]
+    with intra_op_threads(threads), torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        t0 = time.perf_counter()
+        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True,
+                       cache_position=torch.arange(n_prompt, device=device), logits_to_keep=1).logits
+        tok = logits[:, -1:].argmax(-1)
+        out_tokens.append(tok)
+        t1 = time.perf_counter()
+        for i in range(1, max_new_tokens):
+            if eos_token_id is not None and bool((tok == eos_token_id).all()):
+                break
+            logits = model(input_ids=tok, past_key_values=cache, use_cache=True,
+                           cache_position=torch.tensor([n_prompt + i - 1], device=device),
+                           logits_to_keep=1).logits
+            tok = logits[:, -1:].argmax(-1)
+            out_tokens.append(tok)
+        t2 = time.perf_counter()
+        tokens = torch.cat(out_tokens, dim=1)
+    return DecodeResult(tokens=tokens, prompt_tokens=n_prompt, new_tokens=len(out_tokens) - 1,
+                        prefill_s=t1 - t0, decode_s=t2 - t1)
