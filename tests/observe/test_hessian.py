@@ -125,3 +125,33 @@ def test_bad_inputs_are_refused_clearly():
             HessianObserver(n)
     with pytest.raises(ValueError, match="dtype"):
         HessianObserver(8, dtype=torch.float16)
+
+
+def test_gram_matrix_matches_float64_product_and_is_symmetric():
+    from shrink.observe import gram_matrix
+    g = torch.Generator().manual_seed(3)
+    for n in (7, 300, 700):  # below and above the blocked path
+        x = torch.randn(50, n, generator=g)
+        ref = x.double().T @ x.double()
+        got = gram_matrix(x)
+        assert torch.equal(got, got.T)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-9)
+
+
+def test_gram_cache_reuses_only_for_the_same_unmodified_input():
+    from shrink.observe import GramCache
+    cache = GramCache()
+    x = torch.randn(4, 9, 16)
+    a, b = HessianObserver(16, cache=cache), HessianObserver(16, cache=cache)
+    a.observe(x.detach())
+    assert cache.gram is not None
+    first = cache.gram
+    b.observe(x.detach())  # same storage, same version: reused
+    assert cache.gram is first
+    torch.testing.assert_close(a.hessian(), b.hessian(), rtol=0, atol=0)
+    x.mul_(2.0)  # in place: version bumps, the cached Gram must not be used
+    b.observe(x)
+    assert cache.gram is not first
+    ref = 2 / (2 * 36) * ((x / 2).double().reshape(-1, 16).T @ (x / 2).double().reshape(-1, 16)
+                          + x.double().reshape(-1, 16).T @ x.double().reshape(-1, 16))
+    torch.testing.assert_close(b.hessian(), ref, rtol=1e-12, atol=1e-12)

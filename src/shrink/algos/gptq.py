@@ -52,9 +52,10 @@ import torch
 
 from shrink.algos.result import QuantResult
 from shrink.algos.rtn import check_hessian, check_weight
+from shrink.formats import IntFormat
 from shrink.quant import QuantSpec, quantize
 from shrink.quant.blocks import layout_for
-from shrink.quant.core import decode, encode
+from shrink.quant.core import decode, encode, inverse_scale
 from shrink.quant.ranges import minmax_range, mse_range, percentile_range, qparams_from_range
 
 OBSERVERS = ("minmax", "percentile", "mse")
@@ -132,6 +133,7 @@ def gptq(
 
         q = torch.empty_like(wt)
         cols = list(range(n)) if perm is None else perm.tolist()  # original index of each column
+        coder = _ColumnCoder(spec, grid, scale, zp, cdt, g if grouped else None)
         err_sq = torch.zeros((), dtype=torch.float64)
         for i1, i2 in _block_bounds(n, block_size, g if grouped and not static else None):
             u1 = u[i1:i2, i1:i2]
@@ -148,14 +150,12 @@ def gptq(
                     scale[:, j // g] = s[:, 0, 0]
                     if zp is not None:
                         zp[:, j // g] = z[:, 0, 0]
+                    coder.refresh(j // g)
                 # Pending errors reach a column only when it is rounded: a vector-matrix
                 # product per column instead of a rank-1 update of the whole block.
                 if i > k0:
                     w1[i] -= u1[k0:i, i] @ e1[k0:i]
-                col = cols[j]
-                s = None if scale is None else scale[:, col // g if grouped else 0]
-                z = None if zp is None else zp[:, col // g if grouped else 0]
-                qj = decode(encode(w1[i], s, z, grid), s, z, grid).to(cdt)
+                qj = coder(w1[i], cols[j])
                 q[j] = qj
                 torch.div(w1[i] - qj, u1[i, i], out=e1[i])
             err_sq += e1.square().sum(dtype=torch.float64)
@@ -183,6 +183,58 @@ def gptq(
         qtensor=qt, loss=loss, damp_used=damp_used, retries=retries, dead_columns=int(dead.sum()),
         perm=perm, static_groups=static, seconds=time.perf_counter() - start,
     )
+
+
+class _ColumnCoder:
+    """Round one column (a vector over output rows) to the grid: decode(encode(w)) with the
+    column's scale and zero-point, as shrink.quant.core computes it. For integer grids the
+    per-group factors (1/scale in float32 then float64, zero-point in float64 and float32,
+    scale in float32) are converted once per group instead of once per column, and the
+    codes stay float (small integers, exact): the same operations in the same precisions,
+    so the same bits, for a fraction of the per-column calls."""
+
+    def __init__(self, spec: QuantSpec, grid, scale, zp, cdt: torch.dtype, group: int | None):
+        self.grid, self.scale, self.zp, self.cdt, self.group = grid, scale, zp, cdt, group
+        self.fast = isinstance(grid, IntFormat) and scale is not None
+        self.qmin, self.qmax = (grid.qmin, grid.qmax) if self.fast else (None, None)
+        self.params: dict[int, tuple] = {}
+
+    def refresh(self, gi: int) -> None:
+        """Group gi's scale / zero-point were (re)written: forget its cached factors."""
+        self.params.pop(gi, None)
+
+    def _factors(self, gi: int) -> tuple:
+        f = self.params.get(gi)
+        if f is None:
+            s = self.scale[:, gi]
+            inv = inverse_scale(s)
+            if self.zp is None:
+                f = (inv, None, None, s.to(torch.float32))
+            else:
+                z = self.zp[:, gi]
+                f = (inv.to(torch.float64), z.to(torch.float64), z.to(torch.float32), s.to(torch.float32))
+            self.params[gi] = f
+        return f
+
+    def __call__(self, w: torch.Tensor, col: int) -> torch.Tensor:
+        gi = 0 if self.group is None else col // self.group
+        if not self.fast:
+            s = None if self.scale is None else self.scale[:, gi]
+            z = None if self.zp is None else self.zp[:, gi]
+            return decode(encode(w, s, z, self.grid), s, z, self.grid).to(self.cdt)
+        inv, z64, z32, s32 = self._factors(gi)
+        if z64 is None:  # core.scaled_int without an addend: the float32 product
+            c = torch.round(w.to(torch.float32) * inv)
+            c.clamp_(self.qmin, self.qmax)
+            return (c * s32).to(self.cdt)
+        # core.scaled_int: fma(x, 1/scale, zp) rounded once to float32, via float64
+        y = w.to(torch.float32).to(torch.float64) * inv
+        y += z64
+        c = torch.round(y.to(torch.float32))
+        c.clamp_(self.qmin, self.qmax)
+        c -= z32
+        c *= s32
+        return c.to(self.cdt)
 
 
 def _check_options(block_size, damp, max_retries, observer, observer_kwargs) -> None:

@@ -19,7 +19,7 @@ from shrink.algos.smoothquant import smoothquant_scales
 from shrink.modules.input_scaled import InputScaled
 from shrink.modules.quant_linear import QuantLinear
 from shrink.modules.w8a8_linear import W8A8Linear
-from shrink.observe import HessianObserver
+from shrink.observe import GramCache, HessianObserver
 from shrink.quant import QTensor, QuantSpec, check_finite, dequantize, quantize
 from shrink.surgery import SequentialRunner, Target, find_fold_source, fold_into, replace_module, select_modules
 
@@ -310,11 +310,12 @@ def _mixed(model, step: MixedPrecision, targets, batches, rec: StepRecord, repor
 def _hessian_collector():
     """({target name: HessianObserver}, an on_input callback feeding them)."""
     observers: dict[str, HessianObserver] = {}
+    cache = GramCache()  # q/k/v (gate/up) see one input tensor: one X^T X for them all
 
     def on_input(name: str, x: torch.Tensor) -> None:
         obs = observers.get(name)
         if obs is None:
-            obs = observers[name] = HessianObserver(x.shape[-1])
+            obs = observers[name] = HessianObserver(x.shape[-1], cache=cache)
         obs.observe(x.detach())
 
     return observers, on_input
