@@ -4,7 +4,8 @@ a manifest saying which modules are compressed and how. Reloads bit-exactly.
 DIR/
   model.safetensors   every tensor of the compressed model (packed codes, scales, ...)
   config.json         the base model's Hugging Face config (for transformers models)
-  manifest.json       format version, how to build the base, per-module specs, recipe, metrics
+  manifest.json       format version, how to build the base, per-module type and spec (a
+                      QuantConv2d also its geometry: kernel, stride, padding, ...), recipe, metrics
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shrink.modules import InputScaled, QuantLinear, W8A8Linear
+from shrink.modules import InputScaled, QuantConv2d, QuantLinear, W8A8Linear
 from shrink.quant import QuantSpec
 from shrink.surgery import replace_module
 
@@ -61,6 +62,14 @@ def compressed_modules(model: nn.Module) -> dict[str, dict]:
         if isinstance(mod, W8A8Linear):
             out[name] = {"type": "W8A8Linear", "in_features": mod.in_features, "out_features": mod.out_features,
                          "bias": mod.bias is not None, "smoothed": mod.input_scale is not None}
+            continue
+        if isinstance(mod, QuantConv2d):
+            out[name] = {"type": "QuantConv2d", "in_channels": mod.in_channels, "out_channels": mod.out_channels,
+                         "kernel_size": list(mod.kernel_size), "stride": list(mod.stride),
+                         "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
+                         "dilation": list(mod.dilation), "groups": mod.groups, "padding_mode": mod.padding_mode,
+                         "bias": mod.bias is not None, "spec": spec_to_dict(mod.spec),
+                         "weight_dtype": str(mod.weight_dtype).removeprefix("torch.")}
             continue
         scaled = isinstance(mod, InputScaled)
         ql = mod.inner if scaled else mod
@@ -136,6 +145,9 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
             replace_module(model, name, W8A8Linear(int(m["in_features"]), int(m["out_features"]),
                                                    bias=bool(m["bias"]), smoothed=bool(m["smoothed"])))
             continue
+        if m.get("type") == "QuantConv2d":
+            replace_module(model, name, _conv_shell(m, f"{where}: module {name}"))
+            continue
         if m.get("type") != "QuantLinear":
             raise ValueError(f"{where}: module {name} has unknown type {m.get('type')!r}")
         spec = spec_from_dict(m["spec"], f"{where}: module {name}")
@@ -149,6 +161,23 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
         raise ValueError(f"{directory / 'model.safetensors'}: tensors do not match the manifest "
                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     return model.eval()
+
+
+def _conv_shell(m: dict, where: str) -> QuantConv2d:
+    """An empty QuantConv2d with the geometry and spec of a manifest entry, for load_state_dict to fill."""
+    try:
+        return QuantConv2d(int(m["in_channels"]), int(m["out_channels"]), _geometry(m["kernel_size"]),
+                           spec_from_dict(m["spec"], where), stride=_geometry(m["stride"]),
+                           padding=_geometry(m["padding"]), dilation=_geometry(m["dilation"]),
+                           groups=int(m["groups"]), bias=bool(m["bias"]), padding_mode=m["padding_mode"],
+                           weight_dtype=_DTYPES[m.get("weight_dtype", "float32")])
+    except KeyError as e:
+        raise ValueError(f"{where}: QuantConv2d entry lacks {e} (or names an unknown dtype)") from None
+
+
+def _geometry(v):
+    """A manifest's [a, b] pair as nn.Conv2d takes it; strings ('same', 'valid') as they are."""
+    return tuple(v) if isinstance(v, list) else v
 
 
 def _build_hf(directory: Path, class_name: str | None) -> nn.Module:

@@ -40,13 +40,11 @@ class StepRecord:
 
 
 def model_nbytes(model: nn.Module) -> int:
-    """Stored bytes: parameters and buffers at their dtype, QuantLinear weights as their
-    QTensor counts them (packed codes + scales + zero-points, not the kernel's repacked
-    copy), shared tensors once, integer index buffers (position ids) not at all."""
-    from shrink.modules.quant_linear import QuantLinear
-    from shrink.modules.w8a8_linear import W8A8Linear
-
-    packed = (QuantLinear, W8A8Linear)
+    """Stored bytes: parameters and buffers at their dtype, QuantLinear and QuantConv2d
+    weights as their QTensor counts them (packed codes + scales + zero-points, not the
+    kernel's repacked copy or a cached dequantized weight), shared tensors once, integer
+    index buffers (position ids) not at all."""
+    packed = _packed_types()
     seen: set[int] = set()
     total = 0
     for mod in model.modules():
@@ -68,14 +66,13 @@ def model_nbytes(model: nn.Module) -> int:
 
 def model_params(model: nn.Module) -> int:
     """Parameters the model computes with: packed layers count their logical weights
-    (out x in) and bias, shared tensors once."""
-    from shrink.modules.quant_linear import QuantLinear
-    from shrink.modules.w8a8_linear import W8A8Linear
-
+    (out x in; a QuantConv2d's out x in/groups*kh*kw, nn.Conv2d's weight numel) and bias,
+    shared tensors once."""
+    packed = _packed_types()
     seen: set[int] = set()
     n = 0
     for mod in model.modules():
-        if isinstance(mod, (QuantLinear, W8A8Linear)):
+        if isinstance(mod, packed):
             n += mod.in_features * mod.out_features
             if mod.bias is not None and mod.bias.data_ptr() not in seen:
                 n += mod.bias.numel()
@@ -85,6 +82,14 @@ def model_params(model: nn.Module) -> int:
             seen.add(p.data_ptr())
             n += p.numel()
     return n
+
+
+def _packed_types() -> tuple[type, ...]:
+    from shrink.modules.quant_conv2d import QuantConv2d
+    from shrink.modules.quant_linear import QuantLinear
+    from shrink.modules.w8a8_linear import W8A8Linear
+
+    return QuantLinear, QuantConv2d, W8A8Linear
 
 
 def _is_index_buffer(t: torch.Tensor) -> bool:

@@ -1,6 +1,11 @@
 """Run a recipe on a model: each step picks its target layers, compresses them (with
 calibration data, block by block, where the algorithm needs activations) and
-records per-layer error, bytes and time. The model given is never modified."""
+records per-layer error, bytes and time. The model given is never modified.
+
+Targets are nn.Linear, transformers' Conv1D and nn.Conv2d (quantized as its
+[out, in/groups*kh*kw] matrix and installed as QuantConv2d; Hessian-based steps
+see its im2col patches, per filter group for a grouped conv). Layers a step
+cannot handle are listed in the step record's `skipped`, with the reason."""
 from __future__ import annotations
 
 import copy
@@ -14,15 +19,16 @@ from torch import nn
 
 from shrink.algos import gptq, kmeans, rtn
 from shrink.algos.awq import awq
-from shrink.algos.mixed import allocate_bits, layer_sensitivity
+from shrink.algos.mixed import Sensitivity, allocate_bits, layer_sensitivity
 from shrink.algos.smoothquant import smoothquant_scales
 from shrink.modules.input_scaled import InputScaled
+from shrink.modules.quant_conv2d import QuantConv2d
 from shrink.modules.quant_linear import QuantLinear
 from shrink.modules.w8a8_linear import W8A8Linear
-from shrink.observe import GramCache, HessianObserver
 from shrink.quant import QTensor, QuantSpec, check_finite, dequantize, quantize
 from shrink.surgery import SequentialRunner, Target, find_fold_source, fold_into, replace_module, select_modules
 
+from .hessians import HessianCollector, hessian_error, row_parts, stack_rows
 from .records import LayerRecord, StepRecord, model_nbytes, model_params
 from .steps import AWQ, GPTQ, NEEDS_CALIBRATION, RTN, KMeans, MixedPrecision, SmoothQuant, parse_recipe, step_to_dict
 
@@ -65,9 +71,15 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
     for i, step in enumerate(steps, 1):
         rec = StepRecord(index=i, step=step_to_dict(step))
         t0 = time.perf_counter()
-        sel = select_modules(work, types=("linear", "conv1d"), include=step.include, exclude=step.exclude)
+        sel = select_modules(work, types=("linear", "conv1d", "conv2d"), include=step.include, exclude=step.exclude)
         rec.skipped = [{"name": s.name, "reason": s.reason} for s in sel.skipped if _worth_listing(s)]
-        targets = list(sel.targets)
+        targets = []
+        for t in sel.targets:
+            why = _unsupported(step, t)
+            if why is None:
+                targets.append(t)
+            else:
+                rec.skipped.append({"name": t.name, "reason": why})
         report = (lambda done, total, label=f"step {i} {rec.step and next(iter(rec.step))}":
                   progress(label, done, total)) if progress else None
         if isinstance(step, (RTN, KMeans)):
@@ -109,14 +121,16 @@ def _data_free(model, step, targets: list[Target], rec: StepRecord, report) -> N
 def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
     spec = step.spec()
     runner = SequentialRunner(model, targets=targets)
-    observers, on_input = _hessian_collector()
+    coll = HessianCollector(targets)
 
     done = [0]
 
     def process_block(i: int, block: nn.Module, block_targets: list[Target]) -> None:
-        for group in _share_input(block_targets, observers):
+        single = [t for t in block_targets if len(coll.observers[t.name]) == 1]
+        first = {t.name: coll.observers[t.name][0] for t in single}
+        for group in _share_input(single, first):
             t0 = time.perf_counter()
-            h = observers[group[0].name].hessian()
+            h = first[group[0].name].hessian()
             w = torch.cat([t.weight_view().detach().float() for t in group])
             res = gptq(w, h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order)
             per = (time.perf_counter() - t0) / len(group)
@@ -125,20 +139,41 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
                 qt = _rows(res.qtensor, row, row + t.out_features, spec)
                 row += t.out_features
                 wt = t.weight_view().detach().float()
-                err = _hessian_error(wt, dequantize(qt).float(), h)
-                err_rtn = _hessian_error(wt, dequantize(quantize(wt, spec)).float(), h)
+                err = hessian_error(wt, dequantize(qt).float(), [h])
+                err_rtn = hessian_error(wt, dequantize(quantize(wt, spec)).float(), [h])
                 note = "shares its input: solved with " + ", ".join(x.name for x in group if x is not t) \
                     if len(group) > 1 else ""
                 if res.retries:
                     note += f" Cholesky retried {res.retries}x, damp {res.damp_used:g}"
-                _install(model, t, qt, rec, _fmt(spec), err, err_rtn, per, note.strip())
+                if t.kind == "conv2d":
+                    note += f"; Hessian over {first[t.name].samples} im2col patches"
+                _install(model, t, qt, rec, _fmt(spec), err, err_rtn, per, note.strip("; "))
             for t in group:
-                observers.pop(t.name, None)
+                coll.pop(t.name)
             done[0] += len(group)
             if report:
                 report(done[0], len(targets))
+        for t in block_targets:
+            if t.name not in first:  # a grouped conv: each filter group solved on its own Hessian
+                t0 = time.perf_counter()
+                hs = coll.hessians(t.name)
+                w = t.weight_view().detach().float()
+                parts = [gptq(w[rows], h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order)
+                         for rows, h in zip(row_parts(t.out_features, len(hs)), hs)]
+                qt = stack_rows([p.qtensor for p in parts], spec)
+                err = hessian_error(w, dequantize(qt).float(), hs)
+                err_rtn = hessian_error(w, dequantize(quantize(w, spec)).float(), hs)
+                note = (f"groups={len(hs)}: one Hessian per filter group (over "
+                        f"{coll.observers[t.name][0].samples} im2col patches), each group's rows solved on its own")
+                if any(p.retries for p in parts):
+                    note += f"; Cholesky retried, damp up to {max(p.damp_used for p in parts):g}"
+                _install(model, t, qt, rec, _fmt(spec), err, err_rtn, time.perf_counter() - t0, note)
+                coll.pop(t.name)
+                done[0] += 1
+                if report:
+                    report(done[0], len(targets))
 
-    runner.run(batches, process_block, on_input=on_input)
+    runner.run(batches, process_block, on_input=coll)
     _rtn_outside_blocks(model, runner, spec, rec)
 
 
@@ -273,17 +308,16 @@ def _mixed(model, step: MixedPrecision, targets, batches, rec: StepRecord, repor
     """One pass of the float model collects each layer's Hessian; sensitivities at every
     candidate width feed the allocation; then each layer is quantized at its width."""
     runner = SequentialRunner(model, targets=targets)
-    observers, on_input = _hessian_collector()
+    coll = HessianCollector(targets)
 
-    runner.run(batches, on_input=on_input)
-    chosen = [t for t in targets if t.name in observers]
+    runner.run(batches, on_input=coll)
+    chosen = [t for t in targets if t.name in coll]
     for t in targets:
-        if t.name not in observers:
+        if t.name not in coll:
             rec.skipped.append({"name": t.name, "reason": "outside the transformer blocks: no activations captured"})
     sens = []
     for n, t in enumerate(chosen, 1):
-        sens.append(layer_sensitivity(t.weight_view().detach().float(), observers[t.name].hessian(), name=t.name,
-                                      candidates=step.candidates, spec_for_bits=step.spec, method="rtn"))
+        sens.append(_sensitivity(t, coll.hessians(t.name), step))
         if report:
             report(n, 2 * len(chosen))
     alloc = allocate_bits(sens, bits_per_weight=step.bits_per_weight, max_bytes=step.max_bytes)
@@ -294,10 +328,14 @@ def _mixed(model, step: MixedPrecision, targets, batches, rec: StepRecord, repor
         bits = alloc.bits[t.name]
         spec = step.spec(bits)
         w = t.weight_view().detach().float()
-        h = observers[t.name].hessian()
-        qt = gptq(w, h, spec).qtensor if step.method == "gptq" else rtn(w, spec).qtensor
-        err = _hessian_error(w, dequantize(qt).float(), h)
-        err_rtn = _hessian_error(w, dequantize(quantize(w, spec)).float(), h)
+        hs = coll.hessians(t.name)
+        if step.method == "gptq":
+            qt = stack_rows([gptq(w[rows], h, spec).qtensor for rows, h in zip(row_parts(t.out_features, len(hs)), hs)],
+                            spec)
+        else:
+            qt = rtn(w, spec).qtensor
+        err = hessian_error(w, dequantize(qt).float(), hs)
+        err_rtn = hessian_error(w, dequantize(quantize(w, spec)).float(), hs)
         _install(model, t, qt, rec, _fmt(spec), err, err_rtn, time.perf_counter() - t0,
                  f"{bits} bits chosen for a {alloc.bits_per_weight:.3f} bpw allocation "
                  f"({'proven optimal' if alloc.optimal else 'near-optimal'})")
@@ -307,18 +345,32 @@ def _mixed(model, step: MixedPrecision, targets, batches, rec: StepRecord, repor
 
 # ---------------------------------------------------------------- helpers
 
-def _hessian_collector():
-    """({target name: HessianObserver}, an on_input callback feeding them)."""
-    observers: dict[str, HessianObserver] = {}
-    cache = GramCache()  # q/k/v (gate/up) see one input tensor: one X^T X for them all
+def _unsupported(step, t: Target) -> str | None:
+    """Why `step` leaves target t alone, or None when it compresses it."""
+    if t.kind != "conv2d":
+        return None
+    conv = t.module
+    if conv.padding_mode != "zeros":
+        return (f"Conv2d with padding_mode={conv.padding_mode!r}: QuantConv2d runs zero padding only; "
+                "the layer stays float")
+    if isinstance(step, (AWQ, SmoothQuant)):
+        name = "awq" if isinstance(step, AWQ) else "smoothquant"
+        return (f"Conv2d: {name} folds per-input-channel scales into a linear layer's inputs, which a conv "
+                "does not take; use rtn, gptq, kmeans or mixed_precision for conv layers")
+    return None
 
-    def on_input(name: str, x: torch.Tensor) -> None:
-        obs = observers.get(name)
-        if obs is None:
-            obs = observers[name] = HessianObserver(x.shape[-1], cache=cache)
-        obs.observe(x.detach())
 
-    return observers, on_input
+def _sensitivity(t: Target, hs: list[torch.Tensor], step: MixedPrecision) -> Sensitivity:
+    """The layer's error and bytes at each candidate width; a grouped conv's errors summed over its groups."""
+    w = t.weight_view().detach().float()
+    if len(hs) == 1:
+        return layer_sensitivity(w, hs[0], name=t.name, candidates=step.candidates, spec_for_bits=step.spec,
+                                 method="rtn")
+    parts = [layer_sensitivity(w[rows], h, name=t.name, candidates=step.candidates, spec_for_bits=step.spec,
+                               method="rtn") for rows, h in zip(row_parts(t.out_features, len(hs)), hs)]
+    errors = {b: sum(p.errors[b] for p in parts) for b in parts[0].errors}
+    nbytes = {b: quantize(w, step.spec(b)).nbytes for b in errors}  # the whole layer's bytes, packed once
+    return Sensitivity(name=t.name, errors=errors, nbytes=nbytes, params=int(w.numel()))
 
 
 def _rtn_outside_blocks(model, runner, spec: QuantSpec, rec: StepRecord) -> None:
@@ -347,7 +399,14 @@ def _sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 def _install(model, t: Target, qt: QTensor, rec: StepRecord, fmt: str, err: float, err_rtn,
              seconds: float, note: str, input_scale: torch.Tensor | None = None) -> None:
     bias = getattr(t.module, "bias", None)
-    ql = QuantLinear.from_qtensor(qt, None if bias is None else bias.detach())
+    bias = None if bias is None else bias.detach()
+    if t.kind == "conv2d":
+        c = t.module
+        ql = QuantConv2d.from_qtensor(qt, bias, in_channels=c.in_channels, kernel_size=c.kernel_size,
+                                      stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
+                                      padding_mode=c.padding_mode)
+    else:
+        ql = QuantLinear.from_qtensor(qt, bias)
     new: nn.Module = ql if input_scale is None else InputScaled(ql, input_scale)
     replace_module(model, t.name, new)
     w = t.weight_view().detach().float()
@@ -382,11 +441,6 @@ def _rows(qt: QTensor, start: int, stop: int, spec: QuantSpec) -> QTensor:
     if not torch.equal(part.int_codes(), qt.int_codes()[start:stop]):  # the grid is the same: exact
         raise RuntimeError("splitting a jointly solved weight changed its codes")
     return part
-
-
-def _hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    e = (w - q).double()
-    return float(((e @ h.to(e.dtype)) * e).sum())
 
 
 def _fmt(spec: QuantSpec) -> str:

@@ -1,0 +1,80 @@
+"""Layer Hessians for the recipe steps, Linear and Conv2d targets alike.
+
+A Linear's Hessian is 2/n sum x x^T over its input rows. A Conv2d is a Linear
+applied to every patch of its input, so its Hessian is taken over the patches
+(`surgery.conv_patches`), in `Target.weight_view()`'s column order.
+
+A grouped conv (groups > 1) has no single Hessian: filter group g reads only
+its own in_channels/groups input channels. It gets one Hessian per group, each
+serving its rows g*out/groups .. (g+1)*out/groups - 1 of weight_view(); the
+steps solve and measure the groups separately and stitch the rows together
+(`stack_rows`), which for per-channel and per-group specs is exactly the
+layer's QTensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from shrink.observe import GramCache, HessianObserver
+from shrink.quant import QTensor, QuantSpec, dequantize, quantize
+from shrink.surgery import Target, conv_patches
+
+
+class HessianCollector:
+    """on_input callback for SequentialRunner: feeds each target's inputs (a conv's
+    patches, per filter group) to its observers; `hessians(name)` -> one [in, in]
+    matrix per row group (a list of one for a Linear or an ungrouped conv)."""
+
+    def __init__(self, targets: list[Target]):
+        self._convs = {t.name: t.module for t in targets if t.kind == "conv2d"}
+        self.observers: dict[str, list[HessianObserver]] = {}
+        self._cache = GramCache()  # q/k/v (gate/up) see one input tensor: one X^T X for them all
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach()
+        conv = self._convs.get(name)
+        rows = [x] if conv is None else [conv_patches(x, conv, group=g) for g in range(conv.groups)]
+        obs = self.observers.get(name)
+        if obs is None:
+            obs = self.observers[name] = [HessianObserver(r.shape[-1], cache=self._cache) for r in rows]
+        for o, r in zip(obs, rows):
+            o.observe(r)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.observers
+
+    def hessians(self, name: str) -> list[torch.Tensor]:
+        return [o.hessian() for o in self.observers[name]]
+
+    def pop(self, name: str) -> None:
+        self.observers.pop(name, None)
+
+
+def row_parts(out_features: int, n: int) -> list[slice]:
+    """The row slices of n equal row groups (a grouped conv's filter groups)."""
+    per = out_features // n
+    return [slice(g * per, (g + 1) * per) for g in range(n)]
+
+
+def hessian_error(w: torch.Tensor, q: torch.Tensor, hs: list[torch.Tensor]) -> float:
+    """sum over row groups of tr((W - Q) H (W - Q)^T): the layer's output error proxy."""
+    total = 0.0
+    for rows, h in zip(row_parts(w.shape[0], len(hs)), hs):
+        e = (w[rows] - q[rows]).double()
+        total += float(((e @ h.to(e.dtype)) * e).sum())
+    return total
+
+
+def stack_rows(parts: list[QTensor], spec: QuantSpec) -> QTensor:
+    """QTensors of consecutive row groups (per-channel or per-group scales) as one, codes unchanged."""
+    if len(parts) == 1:
+        return parts[0]
+    if spec.granularity not in ("channel", "group"):
+        raise ValueError(f"stack_rows: row groups stitch only under per-channel or per-group scales, not {spec}")
+    w = torch.cat([dequantize(p) for p in parts])
+    scale = torch.cat([p.scale for p in parts])
+    zp = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])
+    whole = quantize(w, spec, scale=scale, zero_point=zp)
+    if not torch.equal(whole.int_codes(), torch.cat([p.int_codes() for p in parts])):  # same grid: exact
+        raise RuntimeError("stitching separately solved row groups changed their codes")
+    return whole
