@@ -160,3 +160,34 @@ def test_pack_uses_whole_windows_only():
     assert pack(stream, 3, 3, seed=0).shape == (3, 3)
     with pytest.raises(ValueError, match="needs 12 tokens"):
         pack(stream, 4, 3)
+
+
+def test_sentence_batches_frame_sentences_as_the_encoder_reads_them():
+    from transformers import AutoTokenizer
+
+    from shrink.data.calibration import sentence_batches
+    from shrink.data.corpus import sentences_from, stdlib_corpus
+    from shrink.models import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    texts = stdlib_corpus(max_train_chars=300_000, max_heldout_chars=0).train_texts
+    sents = sentences_from(texts, n=70)
+    assert len(sents) == 70 and sents == sentences_from(texts, n=70)  # deterministic
+    batches = sentence_batches(tok, sents, batch_size=32, max_length=24)
+    assert [b["input_ids"].shape[0] for b in batches] == [32, 32, 6]
+    seen = 0
+    for b in batches:
+        ids, mask = b["input_ids"], b["attention_mask"]
+        assert ids.shape == mask.shape and ids.shape[1] <= 24
+        assert bool((ids[:, 0] == tok.cls_token_id).all())
+        lengths = mask.sum(1)
+        # each row ends in [SEP] at its last real token, padding after it
+        assert bool((ids[torch.arange(ids.shape[0]), lengths - 1] == tok.sep_token_id).all())
+        seen += ids.shape[0]
+    assert seen == 70
+    total_real = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert total_real / sum(b["attention_mask"].numel() for b in batches) > 0.8  # sorted: little padding
+    with pytest.raises(ValueError, match="no non-empty"):
+        sentence_batches(tok, ["", "  "])
+    with pytest.raises(TypeError, match="transformers tokenizer"):
+        sentence_batches(lambda s: [1, 2], ["a b"])

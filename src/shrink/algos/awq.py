@@ -84,11 +84,15 @@ def awq(
         raise ValueError("awq: need grid >= 1, clip_grid >= 1 and 0 <= max_shrink < 1")
     x = _sample_tokens(x.reshape(-1, in_features).to(torch.float32), max_tokens, seed)
     ws32 = [w.detach().to(torch.float32) for w in ws]
-    refs = [x @ w.T for w in ws32]
     x_mean = x.abs().mean(dim=0)
+    # Every error below is an output MSE mean_n,o ((x_n . (e_o - w_o))^2) = tr(D G D^T) / (n out)
+    # with D = E - W and G = X^T X: computed from G ([in, in], once) instead of the tokens,
+    # in/n of the work (the same values up to float rounding).
+    n = x.shape[0]
+    gram = (x.to(torch.float64).T @ x.to(torch.float64)).to(torch.float32)
 
     def error(effective: list[torch.Tensor]) -> float:
-        return sum(float(((x @ e.T - r) ** 2).mean()) for e, r in zip(effective, refs))
+        return sum(_gram_error(e - w, gram) / n for e, w in zip(effective, ws32))
 
     errors: list[float] = []
     best = (math.inf, 0.0, torch.ones(in_features))
@@ -111,9 +115,10 @@ def awq(
         ws_ = w * s
         q_plain = quantize(ws_, spec)
         if clip:
-            q_clip = _clipped(ws_, x / s, spec, clip_grid, max_shrink)
-            e_plain = float(((x @ (dequantize(q_plain).float() / s).T - x @ w.T) ** 2).mean())
-            e_clip = float(((x @ (dequantize(q_clip).float() / s).T - x @ w.T) ** 2).mean())
+            gram_s = gram / s[:, None] / s[None, :]  # the Gram of the scaled input x / s
+            q_clip = _clipped(ws_, gram_s, spec, clip_grid, max_shrink)
+            e_plain = _gram_error(dequantize(q_plain).float() / s - w, gram)
+            e_clip = _gram_error(dequantize(q_clip).float() / s - w, gram)
             qts.append(q_clip if e_clip <= e_plain else q_plain)
         else:
             qts.append(q_plain)
@@ -123,34 +128,42 @@ def awq(
                      errors_by_alpha=tuple(errors))
 
 
+def _gram_error(d: torch.Tensor, gram: torch.Tensor) -> float:
+    """sum_n ||x_n D^T||^2 / out, from the Gram matrix of x: tr(D G D^T) / out."""
+    return float(((d @ gram) * d).sum(dtype=torch.float64)) / d.shape[0]
+
+
 def _scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     s = x_mean.pow(alpha).clamp(min=1e-4)
     # normalise around 1 so neither the weights nor the folded activations drift in magnitude
     return s / (s.max() * s.min()).sqrt()
 
 
-def _clipped(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip_grid: int, max_shrink: float) -> QTensor:
+def _clipped(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, clip_grid: int, max_shrink: float) -> QTensor:
     """Per (row, group), the shrink of the range that minimises that group's partial output
-    error sum_n (x_n,group . (w - q)_group)^2. Rows are processed in chunks to bound memory."""
+    error sum_n (x_n,group . (w - q)_group)^2 = d^T G_gg d, G_gg the group's diagonal block of
+    the input's Gram matrix. Rows are processed in chunks to bound memory."""
     lay = layout_for(w.shape, spec)
-    n, G, g = x.shape[0], lay.groups, lay.group_size
-    xt = torch.nn.functional.pad(x, (0, G * g - x.shape[1])).reshape(n, G, g)
+    G, g = lay.groups, lay.group_size
+    pad = G * g - gram.shape[0]
+    gp = torch.nn.functional.pad(gram, (0, pad, 0, pad)).reshape(G, g, G, g)
+    idx = torch.arange(G)
+    gblocks = gp[idx, :, idx, :]                                # [G, g, g]
     blocks = lay.to_blocks(w)                                   # [out, G, g], NaN padding
     lo0, hi0 = minmax_range(blocks)
     best_lo, best_hi = lo0.clone(), hi0.clone()
-    rows = max(1, (1 << 24) // max(1, G * n))
+    rows = max(1, (1 << 24) // max(1, G * g))
     for r0 in range(0, blocks.shape[0], rows):
         sl = slice(r0, r0 + rows)
-        best_lo[sl], best_hi[sl] = _clip_rows(blocks[sl], xt, lo0[sl], hi0[sl], spec, clip_grid, max_shrink)
+        best_lo[sl], best_hi[sl] = _clip_rows(blocks[sl], gblocks, lo0[sl], hi0[sl], spec, clip_grid, max_shrink)
     scale, zp = qparams_from_range(best_lo, best_hi, spec, spec.grid())
     return quantize(w, spec, scale=lay.blocks_to_params(scale),
                     zero_point=None if zp is None else lay.blocks_to_params(zp))
 
 
-def _clip_rows(blocks, xt, lo0, hi0, spec, clip_grid, max_shrink):
+def _clip_rows(blocks, gblocks, lo0, hi0, spec, clip_grid, max_shrink):
     grid = spec.grid()
     wz = blocks.nan_to_num(0.0)
-    ref = torch.einsum("ngk,ogk->ogn", xt, wz)                  # partial outputs per group
     best_err = torch.full(lo0.shape, math.inf)
     best_lo, best_hi = lo0.clone(), hi0.clone()
     for i in range(int(max_shrink * clip_grid) + 1):
@@ -158,8 +171,8 @@ def _clip_rows(blocks, xt, lo0, hi0, spec, clip_grid, max_shrink):
         m = torch.maximum(-lo0, hi0) * f
         lo, hi = torch.maximum(lo0, -m), torch.minimum(hi0, m)
         scale, zp = qparams_from_range(lo, hi, spec, grid)
-        q = decode(encode(wz, scale, zp, grid), scale, zp, grid)
-        err = ((torch.einsum("ngk,ogk->ogn", xt, q) - ref) ** 2).mean(dim=-1, keepdim=True)
+        d = decode(encode(wz, scale, zp, grid), scale, zp, grid) - wz   # [rows, G, g]
+        err = (torch.einsum("ogk,gkl->ogl", d, gblocks) * d).sum(dim=-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo, best_lo)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,3 +139,17 @@ def stdlib_corpus(
             "the directory has too few .py files"
         )
     return Corpus(train=_take(train, max_train_chars), heldout=_take(heldout, max_heldout_chars), root=root)
+
+
+def sentences_from(texts: Sequence[str], n: int = 64, min_chars: int = 40, max_chars: int = 300) -> list[str]:
+    """Natural-language lines (comments and docstrings) from source texts, in order, deterministic:
+    what a sentence encoder reads, for its calibration (train texts) and its metric (held-out)."""
+    out: list[str] = []
+    for text in texts:
+        for line in text.splitlines():
+            s = line.strip().lstrip("#").strip().strip('"').strip()
+            if min_chars <= len(s) <= max_chars and sum(c.isalpha() or c == " " for c in s) > 0.85 * len(s):
+                out.append(s)
+                if len(out) >= n:
+                    return out
+    return out

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from shrink.data.corpus import sentences_from  # noqa: F401  (re-exported: held-out sentences for metrics)
+
 Metric = Callable[[nn.Module], dict]
 
 
@@ -72,14 +74,4 @@ def _neighbours(e: torch.Tensor) -> torch.Tensor:
     return sim.argmax(-1)
 
 
-def sentences_from(texts: Sequence[str], n: int = 64, min_chars: int = 40, max_chars: int = 300) -> list[str]:
-    """Natural-language lines (comments and docstrings) from source texts, deterministic."""
-    out: list[str] = []
-    for text in texts:
-        for line in text.splitlines():
-            s = line.strip().lstrip("#").strip().strip('"').strip()
-            if min_chars <= len(s) <= max_chars and sum(c.isalpha() or c == " " for c in s) > 0.85 * len(s):
-                out.append(s)
-                if len(out) >= n:
-                    return out
     return out

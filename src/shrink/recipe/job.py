@@ -31,9 +31,9 @@ def is_causal_lm(model: nn.Module) -> bool:
 def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_len: int = 128,
             seed: int = 0) -> tuple[nn.Module, list | None, Callable | None, dict]:
     """(model, calibration batches, metric, base description for saving)."""
-    from shrink.data.calibration import calibration_batches
-    from shrink.data.corpus import stdlib_corpus
-    from shrink.eval.quality import accuracy_metric, embedding_metric, perplexity_metric, sentences_from
+    from shrink.data.calibration import calibration_batches, calibration_texts, sentence_batches
+    from shrink.data.corpus import sentences_from, stdlib_corpus
+    from shrink.eval.quality import accuracy_metric, embedding_metric, perplexity_metric
     from shrink.models.io import BUILTIN_NAMES, load, load_tokenizer
 
     model = load(model_ref)
@@ -42,7 +42,10 @@ def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_l
         from shrink.models.digits import digits_data
 
         split = digits_data()
-        return model, None, accuracy_metric(split.x_test, split.y_test), {"kind": "builtin", "name": name}
+        # calibration: the first n_samples * 4 training images (never the test split), batches of 64
+        x = split.x_train[: max(64, 4 * n_samples)]
+        batches = [x[i:i + 64] for i in range(0, x.shape[0], 64)]
+        return model, batches, accuracy_metric(split.x_test, split.y_test), {"kind": "builtin", "name": name}
     base = {"kind": "hf"} if getattr(model, "config", None) is not None else {"kind": "builtin", "name": name}
     try:
         tok = load_tokenizer(model_ref)
@@ -50,13 +53,25 @@ def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_l
         return model, None, None, base
     corpus = stdlib_corpus(max_train_chars=2_000_000, max_heldout_chars=400_000)
     source = calib if calib is not None else corpus.train_texts
-    ids = calibration_batches(source, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
-    batches = [{"input_ids": ids[i:i + 8]} for i in range(0, ids.shape[0], 8)]
     if is_causal_lm(model):
+        ids = calibration_batches(source, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
+        batches = [{"input_ids": ids[i:i + 8]} for i in range(0, ids.shape[0], 8)]
         metric = perplexity_metric(tok, corpus.heldout_texts, seq_len=seq_len, max_tokens=16384)
     else:
+        # An encoder is calibrated on sentences framed as it reads them: 8 per sample asked for.
+        texts = calibration_texts(source)
+        sentences = sentences_from(texts, n=8 * n_samples) if calib is None else _lines(texts, 8 * n_samples)
+        batches = sentence_batches(tok, sentences, max_length=seq_len)
         metric = embedding_metric(model, tok, sentences_from(corpus.heldout_texts, n=64))
     return model, batches, metric, base
+
+
+def _lines(texts: list[str], n: int) -> list[str]:
+    """A user's calibration text for an encoder: its non-empty lines, up to n."""
+    out = [line.strip() for t in texts for line in t.splitlines() if line.strip()]
+    if not out:
+        raise ValueError("the calibration text has no non-empty lines to use as sentences")
+    return out[:n]
 
 
 def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = None, seed: int = 0,

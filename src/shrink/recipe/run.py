@@ -132,7 +132,8 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
             t0 = time.perf_counter()
             h = first[group[0].name].hessian()
             w = torch.cat([t.weight_view().detach().float() for t in group])
-            res = gptq(w, h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order)
+            res = gptq(w, h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order,
+                       observer=step.observer)
             per = (time.perf_counter() - t0) / len(group)
             row = 0
             for t in group:
@@ -158,7 +159,8 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
                 t0 = time.perf_counter()
                 hs = coll.hessians(t.name)
                 w = t.weight_view().detach().float()
-                parts = [gptq(w[rows], h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order)
+                parts = [gptq(w[rows], h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order,
+                              observer=step.observer)
                          for rows, h in zip(row_parts(t.out_features, len(hs)), hs)]
                 qt = stack_rows([p.qtensor for p in parts], spec)
                 err = hessian_error(w, dequantize(qt).float(), hs)

@@ -61,12 +61,15 @@ class GPTQ:
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128
+    observer: str = "minmax"
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
 
     def __post_init__(self):
         _check_bits(self, self.bits)
         _check_group(self, self.group_size)
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"gptq: observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
         if not 0 < self.damp < 1:
             raise ValueError(f"gptq: damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
