@@ -15,7 +15,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from shrink.recipe import compress  # noqa: E402
 from shrink.recipe.job import prepare  # noqa: E402
 
-RECIPES = ["int8", "w8a8-smoothquant", "w4-rtn", "w4-gptq", "w4-awq", "mixed-4.5", "kmeans16", "w3-gptq"]
+RECIPES = ["int8", "w8a8-smoothquant", "w4-rtn", "w4-gptq", "w4-gptq-act", "w4-awq", "mixed-4.5", "kmeans16",
+           "w3-rtn", "w3-gptq", "w2-rtn-g64", "w2-gptq-g64"]
+# recipes that are not built-in names, as step lists
+EXTRA = {
+    "w4-gptq-act": [{"gptq": {"act_order": True}}],
+    "w3-rtn": [{"rtn": {"bits": 3}}],
+    "w2-rtn-g64": [{"rtn": {"bits": 2, "group_size": 64}}],
+    "w2-gptq-g64": [{"gptq": {"bits": 2, "group_size": 64}}],
+}
 
 
 def main() -> None:
@@ -32,7 +40,7 @@ def main() -> None:
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for recipe in args.recipe or RECIPES:
             t = time.perf_counter()
-            res = compress(model, recipe, calibration=batches, evaluate=metric)
+            res = compress(model, EXTRA.get(recipe, recipe), calibration=batches, evaluate=metric)
             secs = time.perf_counter() - t
             b, c = res.metrics["baseline"], res.metrics["compressed"]
             layers = [l for s in res.steps for l in s.layers if l.error_rtn]
