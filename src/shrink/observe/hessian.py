@@ -44,7 +44,12 @@ class HessianObserver:
         self.dtype = dtype
         self.samples = 0
         self.batches = 0
-        self._sum = torch.zeros(in_features, in_features, dtype=dtype)  # sum_t x_t x_t^T
+        # sum_t x_t x_t^T, only its upper triangle kept up to date (mirrored in hessian()):
+        # per-chunk products (float32 for float32 activations, as GPTQ implementations do)
+        # gather in `_pending` for up to _CHUNK tokens, then join the float64 `_sum`.
+        self._sum = torch.zeros(in_features, in_features, dtype=dtype)
+        self._pending: torch.Tensor | None = None
+        self._pending_tokens = 0
         self._cache = cache
 
     def observe(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,20 +63,38 @@ class HessianObserver:
             )
         if x.numel() == 0:
             raise ValueError(f"{what} of shape {tuple(x.shape)} holds no tokens")
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            gram = None if self._cache is None else self._cache.lookup(x, self.dtype)
-            if gram is None:
+            parts = None if self._cache is None else self._cache.lookup(x, compute)
+            if parts is None:
                 check_finite(x.detach(), what)
-                # products in the input's precision (float32 for float32 activations, as GPTQ
-                # implementations do) over chunks of tokens, summed in self.dtype
-                compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-                gram = gram_matrix(x.detach().reshape(-1, self.in_features), self.dtype, compute=compute)
+                flat = x.detach().reshape(-1, self.in_features)
+                parts = [(_gram_upper(flat[t:t + _CHUNK].to(compute)), min(_CHUNK, flat.shape[0] - t))
+                         for t in range(0, flat.shape[0], _CHUNK)]
                 if self._cache is not None:
-                    self._cache.remember(x, self.dtype, gram)
-            self._sum.add_(gram)
+                    self._cache.remember(x, compute, parts)
+            for g, tokens in parts:
+                self._add(g, tokens)
         self.samples += x.numel() // self.in_features
         self.batches += 1
         return x
+
+    def _add(self, g: torch.Tensor, tokens: int) -> None:
+        if g.dtype == self.dtype:
+            self._sum.add_(g)
+            return
+        if self._pending is None:
+            self._pending = torch.zeros_like(g)
+        self._pending.add_(g)
+        self._pending_tokens += tokens
+        if self._pending_tokens >= _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending is not None and self._pending_tokens:
+            self._sum.add_(self._pending)
+            self._pending.zero_()
+            self._pending_tokens = 0
 
     __call__ = observe
 
@@ -81,6 +104,8 @@ class HessianObserver:
             got = other.in_features if isinstance(other, HessianObserver) else type(other).__name__
             raise ValueError(f"HessianObserver.merge: need an observer with in_features={self.in_features}, got {got}")
         if other.samples:
+            other._flush()
+            self._flush()
             self._sum.add_(other._sum.to(self.dtype))
             self.samples += other.samples
             self.batches += other.batches
@@ -90,7 +115,10 @@ class HessianObserver:
         """H = 2/n sum x x^T over all tokens seen (a copy, exactly symmetric)."""
         if self.samples == 0:
             raise ValueError("HessianObserver: no batches observed yet; feed the layer's inputs first")
-        return self._sum * (2.0 / self.samples)
+        self._flush()
+        total = torch.triu(self._sum)
+        total.add_(torch.triu(self._sum, 1).T)  # mirror the upper triangle: exactly symmetric
+        return total.mul_(2.0 / self.samples)
 
 
 def gram_matrix(flat: torch.Tensor, dtype: torch.dtype = torch.float64, *, compute: torch.dtype | None = None,
@@ -123,7 +151,7 @@ def _gram_upper(f: torch.Tensor) -> torch.Tensor:
 
 
 class GramCache:
-    """The last Gram matrix computed by the observers sharing this cache, and its input.
+    """The last Gram products (per token chunk) computed by the observers sharing this cache, and their input.
 
     The input is held (a strong reference: its memory cannot be freed and reused
     while remembered), so equal address, shape, strides, dtype and version counter
