@@ -26,6 +26,21 @@ EXTRA = {
 }
 
 
+def describe(batches) -> str:
+    """What the calibration is: token windows, sentences (with their real tokens) or images."""
+    if not batches:
+        return "no calibration data"
+    first = batches[0]
+    if isinstance(first, dict) and "attention_mask" in first:
+        rows = sum(b["input_ids"].shape[0] for b in batches)
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        return f"calibration: {rows} sentences, {real} tokens"
+    if isinstance(first, dict):
+        ids = [b["input_ids"] for b in batches]
+        return f"calibration: {sum(i.shape[0] for i in ids)} x {ids[0].shape[1]} tokens"
+    return f"calibration: {sum(b.shape[0] for b in batches)} inputs"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", action="append", help="built-in model(s) (default: minilm and tiny-gpt)")
@@ -35,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     for name in args.model or ["minilm", "tiny-gpt"]:
         model, batches, metric, _ = prepare(name, n_samples=args.samples, seq_len=args.seq_len)
-        print(f"\n### {name}: {args.samples} x {args.seq_len} calibration tokens\n")
+        print(f"\n### {name}: {describe(batches)}\n")
         print("| recipe | quality before | after | size MB before | after | error vs RTN (mean per layer) | seconds |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for recipe in args.recipe or RECIPES:
