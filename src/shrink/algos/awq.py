@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from shrink.observe import gram_matrix
 from shrink.quant import QTensor, QuantSpec, check_finite, dequantize, quantize
 from shrink.quant.blocks import layout_for
 from shrink.quant.core import decode, encode
@@ -89,7 +90,7 @@ def awq(
     # with D = E - W and G = X^T X: computed from G ([in, in], once) instead of the tokens,
     # in/n of the work (the same values up to float rounding).
     n = x.shape[0]
-    gram = (x.to(torch.float64).T @ x.to(torch.float64)).to(torch.float32)
+    gram = gram_matrix(x, torch.float64).to(torch.float32)
 
     def error(effective: list[torch.Tensor]) -> float:
         return sum(_gram_error(e - w, gram) / n for e, w in zip(effective, ws32))

@@ -9,10 +9,9 @@ chunk of 2048 tokens is multiplied in the input's precision (float32 for
 float32 activations: ~1e-7 of the largest entry, far below GPTQ's 1% damping)
 and added to that sum.
 
-Speed, without changing what is computed (each entry is still the float64 dot
-product of two input columns):
-- only the upper triangle of blocks of X^T X is multiplied (H is symmetric)
-  and mirrored, which also makes every H exactly symmetric;
+Speed:
+- only the upper triangle of blocks of X^T X is multiplied and summed (H is
+  symmetric); hessian() mirrors it, which also makes every H exactly symmetric;
 - layers fed the very same input tensor (q/k/v projections, gate/up) in a row
   can share one product: observers given the same GramCache reuse the last Gram
   while its input tensor is unmodified (see GramCache).

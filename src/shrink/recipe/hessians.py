@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from shrink.algos import gptq
 from shrink.observe import GramCache, HessianObserver
 from shrink.quant import QTensor, QuantSpec, dequantize, quantize
 from shrink.surgery import Target, conv_patches
@@ -78,3 +79,10 @@ def stack_rows(parts: list[QTensor], spec: QuantSpec) -> QTensor:
     if not torch.equal(whole.int_codes(), torch.cat([p.int_codes() for p in parts])):  # same grid: exact
         raise RuntimeError("stitching separately solved row groups changed their codes")
     return whole
+
+
+def gptq_row_groups(w: torch.Tensor, hs: list[torch.Tensor], spec: QuantSpec, **options) -> tuple[QTensor, list]:
+    """GPTQ of w's row groups, each on its own Hessian (one Hessian: the whole layer),
+    stitched into one QTensor; also returns each group's result (retries, damping)."""
+    parts = [gptq(w[rows], h, spec, **options) for rows, h in zip(row_parts(w.shape[0], len(hs)), hs)]
+    return stack_rows([p.qtensor for p in parts], spec), parts

@@ -28,7 +28,7 @@ from shrink.modules.w8a8_linear import W8A8Linear
 from shrink.quant import QTensor, QuantSpec, check_finite, dequantize, quantize
 from shrink.surgery import SequentialRunner, Target, find_fold_source, fold_into, replace_module, select_modules
 
-from .hessians import HessianCollector, hessian_error, row_parts, stack_rows
+from .hessians import HessianCollector, gptq_row_groups, hessian_error, row_parts
 from .records import LayerRecord, StepRecord, model_nbytes, model_params
 from .steps import AWQ, GPTQ, NEEDS_CALIBRATION, RTN, KMeans, MixedPrecision, SmoothQuant, parse_recipe, step_to_dict
 
@@ -159,10 +159,8 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
                 t0 = time.perf_counter()
                 hs = coll.hessians(t.name)
                 w = t.weight_view().detach().float()
-                parts = [gptq(w[rows], h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order,
-                              observer=step.observer)
-                         for rows, h in zip(row_parts(t.out_features, len(hs)), hs)]
-                qt = stack_rows([p.qtensor for p in parts], spec)
+                qt, parts = gptq_row_groups(w, hs, spec, block_size=step.block_size, damp=step.damp,
+                                            act_order=step.act_order, observer=step.observer)
                 err = hessian_error(w, dequantize(qt).float(), hs)
                 err_rtn = hessian_error(w, dequantize(quantize(w, spec)).float(), hs)
                 note = (f"groups={len(hs)}: one Hessian per filter group (over "
@@ -332,8 +330,7 @@ def _mixed(model, step: MixedPrecision, targets, batches, rec: StepRecord, repor
         w = t.weight_view().detach().float()
         hs = coll.hessians(t.name)
         if step.method == "gptq":
-            qt = stack_rows([gptq(w[rows], h, spec).qtensor for rows, h in zip(row_parts(t.out_features, len(hs)), hs)],
-                            spec)
+            qt = gptq_row_groups(w, hs, spec)[0]
         else:
             qt = rtn(w, spec).qtensor
         err = hessian_error(w, dequantize(qt).float(), hs)
