@@ -1,6 +1,13 @@
 """GPTQ W4 g128 on the 374M Llama of issue 9: shrink against llm-compressor.
 
-    .venv/bin/python bench/bench_peers_gptq.py [--with-llmc] [--profile]
+    .venv/bin/python bench/bench_peers_gptq.py [--with-llmc] [--profile] [--device cuda]
+        [--propagate kernel|fp32]
+
+--device cuda runs shrink's GPTQ with the model on a GPU (no peer there).
+--propagate fp32 installs each quantized layer with the dequantize-in-fp32
+reference path while the later blocks are calibrated, instead of the int4
+kernel (bf16 activations): it tells whether the kernel's rounding, carried
+into the next blocks' inputs, costs KL.
 
 The model is bench/llama374m.build(0) (random init) with its lm_head weight
 multiplied by --head-scale (default 6): a random-init Llama predicts an almost
@@ -91,7 +98,8 @@ def dequantized_copy(model):
     out = copy.deepcopy(model)
     for name, mod in list(out.named_modules()):
         if isinstance(mod, QuantLinear):
-            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                  device=mod.codes.device)
             with torch.no_grad():
                 lin.weight.copy_(mod.dequantized_weight().float())
                 if mod.bias is not None:
@@ -178,10 +186,15 @@ def breakdown(stats: pstats.Stats) -> dict:
 
 # ---------------------------------------------------------------- runs
 
-def run_shrink(path: Path, calib: torch.Tensor, heldout: torch.Tensor, ref, profile: bool) -> dict:
+def run_shrink(path: Path, calib: torch.Tensor, heldout: torch.Tensor, ref, profile: bool,
+               device: str = "cpu", propagate: str = "kernel") -> dict:
     import shrink
+    from shrink.modules.quant_linear import QuantLinear
 
-    model = load_float(path)
+    model = load_float(path).to(device)
+    if propagate == "fp32":
+        build = QuantLinear.from_qtensor.__func__
+        QuantLinear.from_qtensor = classmethod(lambda cls, qt, bias=None, **kw: build(cls, qt, bias, kernel="reference"))
     batches = [row[None] for row in calib]
     load1 = os.getloadavg()
     prof = cProfile.Profile() if profile else None
@@ -191,8 +204,12 @@ def run_shrink(path: Path, calib: torch.Tensor, heldout: torch.Tensor, ref, prof
     result = shrink.compress(model, "w4-gptq", calibration=batches)
     if prof:
         prof.disable()
+    if device != "cpu":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     load2 = os.getloadavg()
+    if propagate == "fp32":
+        QuantLinear.from_qtensor = classmethod(build)
     del model
     q = result.model
     kl_kernel = mean_kl(q, heldout, ref)
@@ -202,7 +219,8 @@ def run_shrink(path: Path, calib: torch.Tensor, heldout: torch.Tensor, ref, prof
            "seconds": seconds, "kl": kl_kernel, "kl_fp32_dequantized": kl_fp32,
            "bytes": result.metrics["compressed"]["size_bytes"], "float_bytes": result.metrics["baseline"]["size_bytes"],
            "layers": sum(len(s.layers) for s in result.steps), "kernels": kernels,
-           "loadavg_before": load1, "loadavg_after": load2, "profiled": profile}
+           "loadavg_before": load1, "loadavg_after": load2, "profiled": profile, "device": device,
+           "propagate": propagate}
     if prof:
         out["breakdown"] = breakdown(pstats.Stats(prof))
     return out
@@ -234,6 +252,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--work", default=str(PEERS / "work"))
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--device", default="cpu", help="where shrink's model runs (cpu, cuda)")
+    ap.add_argument("--propagate", choices=("kernel", "fp32"), nargs="+", default=["kernel"],
+                    help="how quantized layers run while later blocks calibrate (several: one run each)")
     args = ap.parse_args()
 
     work = Path(args.work)
@@ -243,7 +264,7 @@ def main() -> None:
     tokens_file = work / f"tokens-{args.samples}x{args.seq}-{args.heldout}.pt"
     torch.save(toks, tokens_file)
 
-    ref_model = load_float(path)
+    ref_model = load_float(path).to(args.device)
     ref = reference_logprobs(ref_model, toks["heldout"])
     del ref_model
     print(f"# GPTQ W4 g128 asym, 374M Llama (lm_head x{args.head_scale:g}), {args.samples}x{args.seq} calibration "
@@ -254,15 +275,16 @@ def main() -> None:
 
     rows = []
     if not args.skip_shrink:
-        r = run_shrink(path, toks["calibration"], toks["heldout"], ref, args.profile)
-        rows.append(r)
-        print(f"shrink: {r['seconds']:.1f} s, KL {r['kl']:.5f} (fp32 dequantized {r['kl_fp32_dequantized']:.5f}), "
-              f"{r['bytes']} bytes, kernels {r['kernels']}, load {r['loadavg_before'][0]:.2f} -> "
-              f"{r['loadavg_after'][0]:.2f}", flush=True)
-        if "breakdown" in r:
-            for k, v in r["breakdown"].items():
-                if k != "calls":
-                    print(f"  {k}: {v:.1f} s")
+        for how in args.propagate:
+            r = run_shrink(path, toks["calibration"], toks["heldout"], ref, args.profile, args.device, how)
+            rows.append(r)
+            print(f"shrink ({args.device}, propagate {how}): {r['seconds']:.1f} s, KL {r['kl']:.5f} "
+                  f"(fp32 dequantized {r['kl_fp32_dequantized']:.5f}), {r['bytes']} bytes, kernels {r['kernels']}, "
+                  f"load {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}", flush=True)
+            if "breakdown" in r:
+                for k, v in r["breakdown"].items():
+                    if k != "calls":
+                        print(f"  {k}: {v:.1f} s")
     del ref
     if args.with_llmc:
         out = work / f"llmc-out-{args.llmc_actorder}{'-sym' if args.llmc_symmetric else ''}"

@@ -9,12 +9,16 @@ from __future__ import annotations
 import torch
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def reference_logprobs(model, ids: torch.Tensor) -> list[torch.Tensor]:
-    """log-softmax of the model's logits for each row of ids [n, seq] (float32, [seq, vocab] each)."""
+    """log-softmax of the model's logits for each row of ids [n, seq] (float32 on the CPU, [seq, vocab] each)."""
     out = []
     with torch.no_grad():
         for row in ids:
-            out.append(model(row[None]).logits[0].float().log_softmax(-1))
+            out.append(model(row[None].to(_device(model))).logits[0].float().log_softmax(-1).cpu())
     return out
 
 
@@ -23,7 +27,7 @@ def mean_kl(model, ids: torch.Tensor, ref: list[torch.Tensor]) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for row, lp in zip(ids, ref):
-            lq = model(row[None]).logits[0].float().log_softmax(-1)
+            lq = model(row[None].to(_device(model))).logits[0].float().log_softmax(-1).cpu()
             total += float((lp.exp() * (lp - lq)).sum(-1).sum(dtype=torch.float64))
             count += lp.shape[0]
     return total / count

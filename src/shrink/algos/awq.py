@@ -96,7 +96,7 @@ def awq(
         return sum(_gram_error(e - w, gram) / n for e, w in zip(effective, ws32))
 
     errors: list[float] = []
-    best = (math.inf, 0.0, torch.ones(in_features))
+    best = (math.inf, 0.0, torch.ones(in_features, device=x.device))
     if scales is not None:
         s = scales.detach().to(torch.float32).reshape(-1)
         if s.numel() != in_features or not torch.isfinite(s).all() or bool((s <= 0).any()):
@@ -148,7 +148,7 @@ def _clipped(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, clip_grid: in
     G, g = lay.groups, lay.group_size
     pad = G * g - gram.shape[0]
     gp = torch.nn.functional.pad(gram, (0, pad, 0, pad)).reshape(G, g, G, g)
-    idx = torch.arange(G)
+    idx = torch.arange(G, device=gram.device)
     gblocks = gp[idx, :, idx, :]                                # [G, g, g]
     blocks = lay.to_blocks(w)                                   # [out, G, g], NaN padding
     lo0, hi0 = minmax_range(blocks)
@@ -165,7 +165,7 @@ def _clipped(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, clip_grid: in
 def _clip_rows(blocks, gblocks, lo0, hi0, spec, clip_grid, max_shrink):
     grid = spec.grid()
     wz = blocks.nan_to_num(0.0)
-    best_err = torch.full(lo0.shape, math.inf)
+    best_err = torch.full(lo0.shape, math.inf, device=lo0.device)
     best_lo, best_hi = lo0.clone(), hi0.clone()
     for i in range(int(max_shrink * clip_grid) + 1):
         f = 1.0 - i / clip_grid

@@ -118,7 +118,7 @@ def gptq(
         scale = zp = None
         if spec.has_scale:
             if grouped and not static:
-                scale = torch.empty(out, lay.groups, dtype=spec.scale_dtype)
+                scale = torch.empty(out, lay.groups, dtype=spec.scale_dtype, device=w0.device)
                 zp = torch.empty_like(scale) if spec.has_zero_point else None
             else:
                 s, z = _qparams(lay.to_blocks(w0), spec, grid, observer, observer_kwargs)
@@ -134,7 +134,7 @@ def gptq(
         q = torch.empty_like(wt)
         cols = list(range(n)) if perm is None else perm.tolist()  # original index of each column
         coder = _ColumnCoder(spec, grid, scale, zp, cdt, g if grouped else None)
-        err_sq = torch.zeros((), dtype=torch.float64)
+        err_sq = torch.zeros((), dtype=torch.float64, device=w0.device)
         for i1, i2 in _block_bounds(n, block_size, g if grouped and not static else None):
             u1 = u[i1:i2, i1:i2]
             w1 = wt[i1:i2]  # a view: updates land in wt
@@ -287,7 +287,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, max_retries: int):
         # at a third of the cost and without forming H^-1.
         chol, info = torch.linalg.cholesky_ex(hd.flip(0, 1))
         if int(info) == 0:
-            eye = torch.eye(h.shape[0], dtype=h.dtype)
+            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
             u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
             if bool(torch.isfinite(u).all()) and bool((torch.diagonal(u) > 0).all()):
                 return u, d, attempt, d * mean_diag

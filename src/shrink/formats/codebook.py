@@ -57,11 +57,11 @@ class CodebookFormat:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Index of the nearest table value (ties go to the lower value)."""
         table = self.stored_values()
-        mids = (table[1:] + table[:-1]) / 2
+        mids = ((table[1:] + table[:-1]) / 2).to(x.device)
         return torch.bucketize(x.to(torch.float64), mids, right=False).to(torch.int32)
 
     def decode(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.stored_values().to(dtype)[codes.long()]
+        return self.stored_values().to(device=codes.device, dtype=dtype)[codes.long()]
 
     def __eq__(self, other: object) -> bool:
         return (

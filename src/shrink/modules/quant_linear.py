@@ -9,7 +9,20 @@ typed attributes. At construction it picks a forward path, recorded in
                 channel or per tensor) through aten._weight_int4pack_mm_for_cpu
   int8pack_cpu  symmetric int8 per channel (or per tensor) through
                 aten._weight_int8pack_mm
+  int4pack_cuda the same int4 codes on an NVIDIA GPU (compute capability 8.0+)
+                through aten._weight_int4pack_mm (the "tinygemm" kernel) for up
+                to 8 rows of input; more rows take the dequant_cuda path, which
+                is faster there (cuBLAS at full width: docs/BENCHMARKS.md, GPU)
+  dequant_cuda  integer codes of any width on a GPU: the codes are kept unpacked
+                (int8) on the GPU, dequantized there at each forward, exactly as
+                the reference does, and multiplied by cuBLAS. (aten's
+                _weight_int8pack_mm runs on CUDA too, but measured 4-300x slower
+                than a bf16 Linear on an H100, so it is not used.)
   reference     anything else: dequantize on every forward (`kernel_reason` says why)
+
+`kernel` names the path for the device the module is on: moving it with
+`.to("cuda")` (or back) re-packs the codes for that device's kernel, or
+falls back to "reference" there and says why.
 
 Both kernels compute in bf16: x is cast to bf16, the scales (and the folded
 zero-points) are rounded to bf16, and the output is rounded to bf16 before it
@@ -33,29 +46,66 @@ from shrink.modules._buffers import fixed_buffers, restore_dtypes
 from shrink.modules._packed import format_name as _format_name
 from shrink.modules._packed import placeholder_storage, stored_dtype_errors, stored_qtensor
 
-KERNELS = ("int4pack_cpu", "int8pack_cpu", "reference")
+KERNELS = ("int4pack_cpu", "int8pack_cpu", "int4pack_cuda", "dequant_cuda", "reference")
+TINYGEMM_MAX_ROWS = 8  # above this many input rows int4pack_cuda dequantizes and calls cuBLAS instead
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
 _INT4_OFFSET = 8  # the int4 kernel computes w = (q - 8) * scale + zero, q in 0..15
 # buffers whose dtype is part of the numerics: Module.half()/.to(dtype) must not cast them
-_FIXED_DTYPE = ("scales", "zeros", "_kernel_scales")
+_FIXED_DTYPE = ("scales", "zeros", "_kernel_scales", "_dq_scales", "_dq_zeros")
 _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 _INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+_INT4_MM_CUDA = getattr(torch.ops.aten, "_weight_int4pack_mm", None)
 
 
-def select_kernel(spec: QuantSpec, out_features: int, in_features: int) -> tuple[str, str | None]:
-    """(kernel, reason): the fastest path this spec and shape allow, and why
-    not a kernel when it falls back to "reference" (reason is None otherwise)."""
-    int4 = _int4_blocker(spec, out_features, in_features)
+def select_kernel(spec: QuantSpec, out_features: int, in_features: int,
+                  device: torch.device | str = "cpu") -> tuple[str, str | None]:
+    """(kernel, reason): the fastest path this spec and shape allow on `device`,
+    and why not a kernel when it falls back to "reference" (reason is None otherwise)."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        return "reference", f"no packed kernel on {device.type}: the weight is dequantized for each forward"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "reference", "CUDA is not available"
+    int4 = _int4_blocker(spec, out_features, in_features, device)
     if int4 is None:
-        return "int4pack_cpu", None
+        return f"int4pack_{device.type}", None
+    if device.type == "cuda":
+        dq = _dequant_blocker(spec, out_features, in_features)
+        return ("dequant_cuda", None) if dq is None else ("reference", dq)
     int8 = _int8_blocker(spec, out_features, in_features)
     if int8 is None:
         return "int8pack_cpu", None
     return "reference", int8 if spec.format == "int" and spec.bits == 8 else int4
 
 
-def _int4_blocker(spec: QuantSpec, n: int, k: int) -> str | None:
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+def _dequant_blocker(spec: QuantSpec, n: int, k: int) -> str | None:
+    if spec.format != "int":
+        return f"format {spec.format!r}: the GPU paths take integer codes only"
+    if spec.granularity != "tensor" and spec.axis % 2 != 0:
+        return f"axis={spec.axis}: scales run along in_features; the GPU paths need them per output row"
+    if spec.granularity == "group" and k % spec.group_size:
+        return f"in_features {k} is not a multiple of group_size {spec.group_size} (a ragged last group)"
+    return None
+
+
+def _cuda_blocker(device: torch.device, op: str) -> str | None:
+    if not hasattr(torch.ops.aten, op):
+        return f"this torch build has no aten.{op}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"GPU compute capability {major}.{minor}: aten.{op} needs 8.0 or newer"
+    return None
+
+
+def _int4_blocker(spec: QuantSpec, n: int, k: int, device: torch.device = torch.device("cpu")) -> str | None:
+    cuda = device.type == "cuda"
+    if cuda:
+        blocked = _cuda_blocker(device, "_weight_int4pack_mm")
+        if blocked:
+            return blocked
+    elif not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return "this torch build has no aten._weight_int4pack_mm_for_cpu"
     if spec.format != "int":
         return f"format {spec.format!r}: the CPU kernels take integer codes only"
@@ -70,7 +120,12 @@ def _int4_blocker(spec: QuantSpec, n: int, k: int) -> str | None:
             return f"in_features {k} is not a multiple of group_size {spec.group_size} (a ragged last group)"
     elif _int4_group(spec, k) is None:
         return f"in_features {k} is not a multiple of 32, the smallest group the int4 kernel takes"
-    if n % 16:
+    if cuda:
+        if k % 32:
+            return f"in_features {k} is not a multiple of 32, as aten._convert_weight_to_int4pack requires"
+        if n % 8:
+            return f"out_features {n} is not a multiple of 8, as aten._convert_weight_to_int4pack requires"
+    elif n % 16:
         return f"out_features {n} is not a multiple of 16, as aten._convert_weight_to_int4pack_for_cpu requires"
     return None
 
@@ -107,11 +162,12 @@ class QuantLinear(nn.Module):
     shell with placeholder codes, to be filled by `load_state_dict` (the spec
     is not in the state_dict; it is the constructor's argument).
 
-    kernel="auto" picks the fastest path (see `select_kernel`); "reference"
-    forces dequantize-per-forward; naming a kernel that cannot run raises.
+    kernel="auto" picks the fastest path for the module's device (see
+    `select_kernel`), again whenever the module moves; "reference" forces
+    dequantize-per-forward; naming a kernel that cannot run raises.
     cache_weight=True keeps the dequantized weight for the reference path
-    (faster, but it costs what quantizing saved). Inputs on a device other
-    than the CPU, and inputs that need a gradient (the kernels have no
+    (faster, but it costs what quantizing saved). Inputs on another device
+    than the module's, and inputs that need a gradient (the kernels have no
     backward), take the reference path whatever `kernel` says.
     """
 
@@ -174,8 +230,8 @@ class QuantLinear(nn.Module):
         self.weight_dtype = weight_dtype
         self.cache_weight = bool(cache_weight)
         self._grid = spec.grid()
-        self.kernel, self.kernel_reason = _resolve_kernel(kernel, spec, out_features, in_features)
-        self._kernel_group = _int4_group(spec, in_features) if self.kernel == "int4pack_cpu" else None
+        self._requested = kernel
+        self.kernel, self.kernel_reason = _resolve_kernel(kernel, spec, out_features, in_features, codes.device)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
@@ -184,20 +240,34 @@ class QuantLinear(nn.Module):
         self.register_buffer("_kernel_weight", None, persistent=False)
         self.register_buffer("_kernel_scales", None, persistent=False)
         self.register_buffer("_cached_weight", None, persistent=False)
+        self.register_buffer("_dq_codes", None, persistent=False)
+        self.register_buffer("_dq_scales", None, persistent=False)
+        self.register_buffer("_dq_zeros", None, persistent=False)
         self._prepare()
 
     def _prepare(self) -> None:
-        """Derive the forward path's tensors from the stored codes (at construction and after loading)."""
+        """Derive the forward path's tensors from the stored codes (at construction, after
+        loading, and after a move to another kind of device)."""
         device = self.codes.device
+        self._kernel_group = _int4_group(self.spec, self.in_features) if self.kernel.startswith("int4") else None
         w = s = cached = None
+        dq = (None, None, None)
         if self.kernel != "reference":
             codes = self._cpu_qtensor().int_codes()  # [N, K] int32 in the spec's range
             n, k = self.out_features, self.in_features
-            if self.kernel == "int4pack_cpu":
+            if device.type == "cuda":
+                dq = self._dequant_tensors(codes, device)
+            if self.kernel == "dequant_cuda":
+                pass
+            elif self.kernel.startswith("int4"):
                 g = self._kernel_group
                 if self.spec.symmetric:
                     codes = codes + _INT4_OFFSET  # -8..7 -> 0..15
-                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+                if self.kernel == "int4pack_cpu":
+                    w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+                else:  # two codes a byte, the even column in the high nibble, then tinygemm's tiling
+                    pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
+                    w = torch.ops.aten._convert_weight_to_int4pack(pairs.to(device), _inner_k_tiles(k))
                 scale = _per_group(self.scales.cpu(), n, k // g)
                 if self.spec.has_zero_point:
                     # (q - zp) * s == (q - 8) * s + (8 - zp) * s
@@ -208,19 +278,35 @@ class QuantLinear(nn.Module):
             else:
                 w = codes.to(torch.int8).contiguous()
                 s = _per_group(self.scales.cpu(), n, 1).reshape(n).to(torch.bfloat16).contiguous()
-            w, s = w.to(device), s.to(device)
+            if w is not None:
+                w, s = w.to(device), s.to(device)
         elif self.cache_weight:
             cached = self._dequantize(device)
         self._kernel_weight, self._kernel_scales, self._cached_weight = w, s, cached
+        self._dq_codes, self._dq_scales, self._dq_zeros = dq
         self._update_fast()
 
+    def _dequant_tensors(self, codes: torch.Tensor, device: torch.device):
+        """(int8 codes [N, G, g], float32 scales [N, G, 1], zero-points or None) on `device`."""
+        n, k = self.out_features, self.in_features
+        groups = k // self.spec.group_size if self.spec.granularity == "group" else 1
+        shape = (n, groups, k // groups)
+        scale = _per_group(self.scales.cpu(), n, groups).reshape(n, groups, 1)
+        zero = None if not self.spec.has_zero_point else _per_group(self.zeros.cpu(), n, groups).reshape(n, groups, 1)
+        return (codes.to(torch.int8).reshape(shape).to(device), scale.contiguous().to(device),
+                None if zero is None else zero.contiguous().to(device))
+
     def _update_fast(self) -> None:
-        # The kernels run on the CPU only; a module moved elsewhere takes the reference path.
         # The kernel's tensors are also kept as plain attributes: nn.Module.__getattr__ on a
         # buffer costs ~0.3 us a lookup, a share of a batch-1 call. Refreshed wherever the
         # buffers change (_prepare, _apply).
         w, s = self._kernel_weight, self._kernel_scales
-        self._fast = (w, s) if w is not None and w.device.type == "cpu" else None
+        if w is None or self.kernel == "dequant_cuda":
+            self._fast = None
+        else:
+            cuda = self.kernel.endswith("cuda")
+            mm = (_INT4_MM_CUDA if cuda else _INT4_MM) if self._kernel_group is not None else _INT8_MM
+            self._fast = (w, s, w.device.type, mm)
 
     # ------------------------------------------------------------ forward
 
@@ -238,17 +324,19 @@ class QuantLinear(nn.Module):
                 "(the last dimension must equal it)"
             )
         fast = self._fast
-        if fast is None or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
-            return self._reference_forward(x)
-        w, scales = fast
+        if fast is None or x.device.type != fast[2] or (x.requires_grad and torch.is_grad_enabled()):
+            return self._fallback_forward(x)
+        w, scales, device_type, mm = fast
         dtype = x.dtype
         x2 = x if dims == 2 else x.reshape(-1, k)
+        if device_type == "cuda" and x2.shape[0] > TINYGEMM_MAX_ROWS:
+            return self._dequant_forward(x)
         if dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)  # keeps a permuted input's strides: hence the check below
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         group = self._kernel_group
-        y = _INT4_MM(x2, w, group, scales) if group is not None else _INT8_MM(x2, w, scales)
+        y = mm(x2, w, group, scales) if group is not None else mm(x2, w, scales)
         bias = self._parameters["bias"]
         if bias is None:
             if dtype != torch.bfloat16:
@@ -260,6 +348,21 @@ class QuantLinear(nn.Module):
         else:
             y = y.to(dtype).add_(bias.to(dtype))
         return y if dims == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    def _fallback_forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = self._dq_codes
+        if codes is not None and x.device == codes.device:
+            return self._dequant_forward(x)
+        return self._reference_forward(x)
+
+    def _dequant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the reference's arithmetic (float32 (q - zp) * scale, then x's dtype), on the GPU
+        w = self._dq_codes.to(torch.float32)
+        if self._dq_zeros is not None:
+            w = w.sub_(self._dq_zeros)
+        w = w.mul_(self._dq_scales).view(self.out_features, self.in_features).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, bias)
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._cached_weight if self._cached_weight is not None else self._dequantize(x.device)
@@ -303,9 +406,16 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # .half()/.to(dtype) would re-round the scales and change the numerics; devices may change
         kept = fixed_buffers(self, _FIXED_DTYPE)
+        before = self.codes.device
         super()._apply(fn, recurse)
         restore_dtypes(self, kept)
-        self._update_fast()
+        after = self.codes.device
+        if after.type != before.type:  # each device has its own kernels and packing
+            self.kernel, self.kernel_reason = _resolve_kernel(self._requested, self.spec, self.out_features,
+                                                              self.in_features, after, moved=True)
+            self._prepare()
+        else:
+            self._update_fast()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -318,17 +428,32 @@ class QuantLinear(nn.Module):
             self._prepare()
 
 
-def _resolve_kernel(kernel: str, spec: QuantSpec, n: int, k: int) -> tuple[str, str | None]:
-    if kernel == "auto":
-        return select_kernel(spec, n, k)
+def _resolve_kernel(kernel: str, spec: QuantSpec, n: int, k: int, device: torch.device,
+                    moved: bool = False) -> tuple[str, str | None]:
+    """The path for a module on `device`. A named kernel is honoured on its own
+    device; after a move to another kind of device (moved=True) the module takes
+    that device's best path instead, since the named one cannot run there."""
     if kernel == "reference":
         return "reference", "kernel='reference' was requested"
-    if kernel not in KERNELS:
+    if kernel not in KERNELS and kernel != "auto":
         raise ValueError(f"QuantLinear: kernel must be 'auto' or one of {', '.join(KERNELS)}; got {kernel!r}")
-    blocker = (_int4_blocker if kernel == "int4pack_cpu" else _int8_blocker)(spec, n, k)
+    if kernel == "auto" or (moved and not kernel.endswith(device.type)):
+        return select_kernel(spec, n, k, device)
+    if not kernel.endswith(device.type):
+        raise ValueError(f"QuantLinear: kernel {kernel!r} runs on {kernel.rsplit('_', 1)[1]}, but the weight "
+                         f"is on {device}; move the module after building it, or pass kernel='auto'")
+    if kernel.startswith("int4"):
+        blocker = _int4_blocker(spec, n, k, device)
+    else:
+        blocker = _dequant_blocker(spec, n, k) if kernel == "dequant_cuda" else _int8_blocker(spec, n, k)
     if blocker is not None:
         raise ValueError(f"QuantLinear: kernel {kernel!r} cannot run this weight [{n}, {k}]: {blocker}")
     return kernel, None
+
+
+def _inner_k_tiles(k: int) -> int:
+    """tinygemm's tiling of in_features: 8 tiles of 16 where k allows, else 4 or 2 (k % 32 == 0 is checked)."""
+    return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
 
 
 def _per_group(p: torch.Tensor, n: int, groups: int) -> torch.Tensor:

@@ -22,9 +22,10 @@ The integer product runs through `kernel`:
            torch has no _int_mm, or in_features is so large that the int32
            sum could overflow (127 * 127 * K >= 2^31). `kernel_reason` says why.
 
-Inputs on a device other than the CPU take the float64 path (_int_mm on
-CUDA has its own shape rules, not checked here). The integer sum is exact on
-both paths, so they give identical outputs. Forward never mutates the
+On a GPU, _int_mm (cuBLASLt) takes more than 16 rows and in_features and
+out_features that are multiples of 8 (measured on an H100, torch 2.11: exact
+for those); other shapes there (a batch-1 decode step) take the float64
+path. The integer sum is exact on every path, so they give identical outputs. Forward never mutates the
 module, so one model may serve several threads. Rounding makes the layer's
 gradient zero almost everywhere: it is for inference, not training.
 """
@@ -175,8 +176,12 @@ def integer_matmul(q: torch.Tensor, codes: torch.Tensor, kernel: str) -> torch.T
     """q [M, K] int8 @ codes [N, K]^T int8, exactly: int32 [M, N] from int_mm, float64
     holding the same integers from the fallback (not narrowed to int32, which a large
     in_features could overflow). Either rounds to the same float32."""
-    if kernel == "int_mm" and q.device.type == "cpu" and codes.device.type == "cpu":
-        return torch._int_mm(q, codes.t())
+    if kernel == "int_mm" and q.device == codes.device:
+        if q.device.type == "cpu":
+            return torch._int_mm(q, codes.t())
+        m, k = q.shape
+        if q.device.type == "cuda" and m > 16 and k % 8 == 0 and codes.shape[0] % 8 == 0:
+            return torch._int_mm(q, codes.t())
     # every partial sum is an integer below 2^53 in magnitude, so float64 adds exactly
     return q.to(torch.float64) @ codes.to(torch.float64).t()
 

@@ -79,6 +79,8 @@ class HessianObserver:
         return x
 
     def _add(self, g: torch.Tensor, tokens: int) -> None:
+        if self._sum.device != g.device:  # the sum lives where the activations do (a GPU model's)
+            self._sum = self._sum.to(g.device)
         if g.dtype == self.dtype:
             self._sum.add_(g)
             return
@@ -105,7 +107,7 @@ class HessianObserver:
         if other.samples:
             other._flush()
             self._flush()
-            self._sum.add_(other._sum.to(self.dtype))
+            self._sum.add_(other._sum.to(device=self._sum.device, dtype=self.dtype))
             self.samples += other.samples
             self.batches += other.batches
         return self
@@ -142,7 +144,7 @@ def _gram_upper(f: torch.Tensor) -> torch.Tensor:
     n = f.shape[1]
     if n <= 2 * _BLOCK:
         return f.T @ f
-    g = torch.zeros(n, n, dtype=f.dtype)
+    g = torch.zeros(n, n, dtype=f.dtype, device=f.device)
     for i1 in range(0, n, _BLOCK):
         i2 = min(i1 + _BLOCK, n)
         torch.mm(f[:, i1:i2].T, f[:, i1:], out=g[i1:i2, i1:])  # one GEMM: block row i1 of the upper part

@@ -76,7 +76,10 @@ class QTensor:
         lay = self.layout
         scale = None if self.scale is None else lay.params_as_blocks(self.scale, "scale")
         zp = None if self.zero_point is None else lay.params_as_blocks(self.zero_point, "zero_point")
-        values = decode(self._codes_in_blocks(), scale, zp, self.grid)
+        codes = self._codes_in_blocks()  # unpacked on the CPU; decoded where the scales live (a GPU's)
+        if scale is not None and codes.device != scale.device:
+            codes = codes.to(scale.device)
+        values = decode(codes, scale, zp, self.grid)
         return lay.from_blocks(values).to(self.dtype).contiguous()
 
     @property

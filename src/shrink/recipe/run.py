@@ -282,7 +282,8 @@ def _smoothquant(model, step: SmoothQuant, targets, batches, rec: StepRecord, re
                 else:
                     smoothed = W8A8Linear.from_linear(lin, smooth_scale=s)
                     where = "scales kept in the layer (no norm or Linear before it can absorb them exactly)"
-                plain = W8A8Linear.from_linear(lin)
+                plain = W8A8Linear.from_linear(lin).to(w.device)
+                smoothed = smoothed.to(w.device)
                 with torch.no_grad():
                     ref = lin(x)
                     got = smoothed(x / s) if source is not None else smoothed(x)
@@ -382,7 +383,7 @@ def _rtn_outside_blocks(model, runner, spec: QuantSpec, rec: StepRecord) -> None
 
 
 def _as_linear(w: torch.Tensor, bias) -> nn.Linear:
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device)
     with torch.no_grad():
         lin.weight.copy_(w)
         if bias is not None:
@@ -407,6 +408,9 @@ def _install(model, t: Target, qt: QTensor, rec: StepRecord, fmt: str, err: floa
     else:
         ql = QuantLinear.from_qtensor(qt, bias)
     new: nn.Module = ql if input_scale is None else InputScaled(ql, input_scale)
+    device = t.module.weight.device
+    if device.type != "cpu":  # codes are packed on the CPU; the layer goes where the model is
+        new = new.to(device)
     replace_module(model, t.name, new)
     w = t.weight_view().detach().float()
     sqnr = _sqnr(w, dequantize(qt).float())

@@ -151,6 +151,7 @@ def default_forward_kwargs(model: nn.Module) -> dict:
 
 
 def _call_model(model: nn.Module, batch, extra: dict):
+    batch = _to_model_device(model, batch)
     if isinstance(batch, torch.Tensor):
         return model(batch, **extra)
     if isinstance(batch, Mapping):
@@ -159,6 +160,21 @@ def _call_model(model: nn.Module, batch, extra: dict):
         return model(*batch, **extra)
     raise TypeError(f"calibration batch must be a tensor, a mapping of model arguments or a tuple, "
                     f"got {type(batch).__name__}")
+
+
+def _to_model_device(model: nn.Module, batch):
+    """Calibration batches (built on the CPU) moved to where the model's weights are."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type == "cpu":
+        return batch
+    move = (lambda v: v.to(p.device) if isinstance(v, torch.Tensor) else v)  # noqa: E731
+    if isinstance(batch, torch.Tensor):
+        return move(batch)
+    if isinstance(batch, Mapping):
+        return {k: move(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move(v) for v in batch)
+    return batch
 
 
 def _split(block_name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
