@@ -8,6 +8,10 @@ events (so launch overhead counts, as it does in eager decoding), median over
 `--repeat` rounds after a warm-up. Prints a Markdown table with each time as a
 ratio to the bf16 nn.Linear of the same shape (the usual GPU baseline) and the
 weight bytes each holds. Exits with a message when no GPU is present.
+
+--decode also decodes with the 374M Llama of bench/llama374m.py at batch 1
+(greedy, 64 new tokens after 16, shrink.modules.greedy_decode): bf16 weights
+against shrink's int4 (w4-rtn; every Linear in the blocks, lm_head bf16).
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--inner", type=int, default=20)
+    ap.add_argument("--decode", action="store_true", help="also time batch-1 decoding of the 374M Llama")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py: no CUDA GPU here; run it on a machine with one")
@@ -81,6 +86,40 @@ def main() -> None:
                 rows.append((name, kernel or m.kernel, nbytes / 2 ** 20, ms))
             for name, kernel, mib, ms in rows:
                 print(f"| {n}x{k} | {batch} | {name} | {kernel} | {mib:.1f} | {ms:.4f} | {base / ms:.2f}x |")
+    if args.decode:
+        decode()
+
+
+def decode(new: int = 64, prompt: int = 16, rounds: int = 3) -> None:
+    import os
+    import time
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import llama374m
+
+    import shrink
+    from shrink.modules import greedy_decode
+
+    base = llama374m.build(0).cuda().bfloat16()
+    q = shrink.compress(llama374m.build(0).cuda(), "w4-rtn").model
+    q.lm_head.bfloat16()
+    q.model.embed_tokens.bfloat16()
+    q.model.norm.bfloat16()
+    for layer in q.model.layers:  # norms in bf16 too, so activations stay bf16 as in the bf16 model
+        layer.input_layernorm.bfloat16()
+        layer.post_attention_layernorm.bfloat16()
+    kernels = sorted({m.kernel for m in q.modules() if hasattr(m, "kernel")})
+    ids = torch.randint(0, 32000, (1, prompt), generator=torch.Generator().manual_seed(0)).cuda()
+    print(f"\n# batch-1 greedy decode, 374M Llama, {new} new tokens after {prompt}; median of {rounds} rounds")
+    print("| weights | kernels | tok/s |")
+    print("|---|---|---|")
+    for name, model, ks in (("bf16", base, "cuBLAS"), ("int4 g128 (shrink w4-rtn)", q, ", ".join(kernels))):
+        greedy_decode(model, ids, 8)
+        tps = []
+        for _ in range(rounds):
+            torch.cuda.synchronize()
+            tps.append(greedy_decode(model, ids, new).tokens_per_s)
+        print(f"| {name} | {ks} | {statistics.median(tps):.1f} |")
 
 
 if __name__ == "__main__":

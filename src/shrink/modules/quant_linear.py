@@ -10,14 +10,15 @@ typed attributes. At construction it picks a forward path, recorded in
   int8pack_cpu  symmetric int8 per channel (or per tensor) through
                 aten._weight_int8pack_mm
   int4pack_cuda the same int4 codes on an NVIDIA GPU (compute capability 8.0+)
-                through aten._weight_int4pack_mm (the "tinygemm" kernel) for up
-                to 8 rows of input; more rows take the dequant_cuda path, which
-                is faster there (cuBLAS at full width: docs/BENCHMARKS.md, GPU)
-  dequant_cuda  integer codes of any width on a GPU: the codes are kept unpacked
-                (int8) on the GPU, dequantized there at each forward, exactly as
-                the reference does, and multiplied by cuBLAS. (aten's
-                _weight_int8pack_mm runs on CUDA too, but measured 4-300x slower
-                than a bf16 Linear on an H100, so it is not used.)
+                through aten._weight_int4pack_mm (the "tinygemm" kernel): faster
+                than a bf16 Linear at batch 1, slower from ~16 rows up
+                (docs/BENCHMARKS.md, GPU)
+  dequant_cuda  other integer codes on a GPU: kept unpacked (int8) there and
+                dequantized at each forward exactly as the reference does, then
+                multiplied by cuBLAS; about 0.1-0.2x a bf16 Linear's speed on an
+                H100, for the memory. (aten's _weight_int8pack_mm runs on CUDA
+                too, but measured up to 300x slower than a bf16 Linear, so it is
+                not used.)
   reference     anything else: dequantize on every forward (`kernel_reason` says why)
 
 `kernel` names the path for the device the module is on: moving it with
@@ -47,7 +48,6 @@ from shrink.modules._packed import format_name as _format_name
 from shrink.modules._packed import placeholder_storage, stored_dtype_errors, stored_qtensor
 
 KERNELS = ("int4pack_cpu", "int8pack_cpu", "int4pack_cuda", "dequant_cuda", "reference")
-TINYGEMM_MAX_ROWS = 8  # above this many input rows int4pack_cuda dequantizes and calls cuBLAS instead
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
 _INT4_OFFSET = 8  # the int4 kernel computes w = (q - 8) * scale + zero, q in 0..15
 # buffers whose dtype is part of the numerics: Module.half()/.to(dtype) must not cast them
@@ -255,10 +255,8 @@ class QuantLinear(nn.Module):
         if self.kernel != "reference":
             codes = self._cpu_qtensor().int_codes()  # [N, K] int32 in the spec's range
             n, k = self.out_features, self.in_features
-            if device.type == "cuda":
-                dq = self._dequant_tensors(codes, device)
             if self.kernel == "dequant_cuda":
-                pass
+                dq = self._dequant_tensors(codes, device)
             elif self.kernel.startswith("int4"):
                 g = self._kernel_group
                 if self.spec.symmetric:
@@ -326,11 +324,9 @@ class QuantLinear(nn.Module):
         fast = self._fast
         if fast is None or x.device.type != fast[2] or (x.requires_grad and torch.is_grad_enabled()):
             return self._fallback_forward(x)
-        w, scales, device_type, mm = fast
+        w, scales, _, mm = fast
         dtype = x.dtype
         x2 = x if dims == 2 else x.reshape(-1, k)
-        if device_type == "cuda" and x2.shape[0] > TINYGEMM_MAX_ROWS:
-            return self._dequant_forward(x)
         if dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)  # keeps a permuted input's strides: hence the check below
         if not x2.is_contiguous():

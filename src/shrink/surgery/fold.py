@@ -69,6 +69,7 @@ def _out_features(m: nn.Module) -> int:
 @torch.no_grad()
 def scale_outputs(module: nn.Module, kind: str, s: torch.Tensor) -> None:
     """Divide the module's output channels by s, in place."""
+    s = s.to(module.weight.device)
     if kind == "norm":
         module.weight.div_(s.to(module.weight.dtype))
     elif kind_of(module) == "conv1d":  # transformers' Conv1D keeps [in, out]
@@ -83,6 +84,7 @@ def scale_outputs(module: nn.Module, kind: str, s: torch.Tensor) -> None:
 @torch.no_grad()
 def _scale_inputs(target: nn.Module, s: torch.Tensor) -> None:
     w = target.weight
+    s = s.to(w.device)
     if kind_of(target) == "conv1d":
         w.mul_(s.to(w.dtype)[:, None])
     else:
