@@ -39,6 +39,12 @@ def run(args) -> int:
     if "quality" in b:
         q0, q1 = b["quality"], c["quality"]
         print(f"{q0['name']}: {q0['value']:.4f} -> {q1['value']:.4f}")
+    r = doc.get("ratios") or {}
+    if r:
+        fmt = lambda v, pct=False: "n/a" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}x")  # noqa: E731
+        lat = f" (batch-1 {b['latency_ms']:.2f} ms -> {c['latency_ms']:.2f} ms)" if "latency_ms" in c else ""
+        print(f"R size {fmt(r.get('R'))}, A quality kept {fmt(r.get('A'), True)}, L latency {fmt(r.get('L'))}{lat}, "
+              f"E energy (estimate) {fmt(r.get('E'))}")
     for step in doc["steps"]:
         layers = step["layers"]
         rtn = [l for l in layers if l.get("error_rtn")]

@@ -21,6 +21,8 @@ from shrink.algos import gptq, kmeans, rtn
 from shrink.algos.awq import awq
 from shrink.algos.mixed import Sensitivity, allocate_bits, layer_sensitivity
 from shrink.algos.smoothquant import smoothquant_scales
+from shrink.eval.energy import energy_estimate
+from shrink.eval.latency import latency_metric, latency_probe
 from shrink.modules.input_scaled import InputScaled
 from shrink.modules.quant_conv2d import QuantConv2d
 from shrink.modules.quant_linear import QuantLinear
@@ -50,15 +52,26 @@ class CompressResult:
 
 def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
              evaluate: Callable[[nn.Module], dict] | None = None, *,
-             progress: Progress | None = None) -> CompressResult:
+             progress: Progress | None = None, example: Any = None, measure_speed: bool = True) -> CompressResult:
     """Compress a copy of `model` with `recipe` (a built-in name, YAML file, or list of steps).
 
     calibration: batches the model accepts (tensors of token ids, dicts of model
     inputs, or tuples), needed by gptq and awq. evaluate(model) -> {"name": ..., "value": ...}
-    measures quality before and after.
+    measures quality before and after. example: an input batch for the latency
+    (batch 1 and up to 8) and energy figures, default the first calibration batch;
+    measure_speed=False skips them (no latency or energy in the metrics).
+
+    metrics: "baseline" and "compressed" ({"size_bytes", "params", "quality",
+    "latency_ms", "latency", "energy"}), "size_reduction", and "ratios" with the
+    four figures R (size reduction), A (quality preserved), L (latency
+    improvement, batch 1) and E (energy reduction), each original / compressed
+    (A: the quality kept, as a fraction; None where a figure was not measured).
     """
     steps = parse_recipe(recipe)
     batches = None if calibration is None else list(calibration)
+    if example is None and batches:
+        example = batches[0]
+    probe = latency_probe(example) if measure_speed and example is not None else None
     needs = [s for s in steps if isinstance(s, NEEDS_CALIBRATION)]
     if needs and not batches:
         names = ", ".join(sorted({step_to_dict(s).popitem()[0] for s in needs}))
@@ -66,7 +79,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
                          "batches (e.g. 128 sequences of 512 tokens from shrink.data.calibration)")
     _check_weights(model)
     work = copy.deepcopy(model).eval()
-    baseline = _measure(model, evaluate)
+    baseline = _measure(model, evaluate, probe)
     records = []
     for i, step in enumerate(steps, 1):
         rec = StepRecord(index=i, step=step_to_dict(step))
@@ -94,9 +107,10 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
             _mixed(work, step, targets, batches, rec, report)
         rec.seconds = time.perf_counter() - t0
         records.append(rec)
-    compressed = _measure(work, evaluate)
+    compressed = _measure(work, evaluate, probe)
     metrics = {"baseline": baseline, "compressed": compressed,
-               "size_reduction": baseline["size_bytes"] / compressed["size_bytes"]}
+               "size_reduction": baseline["size_bytes"] / compressed["size_bytes"],
+               "ratios": four_ratios(baseline, compressed)}
     return CompressResult(model=work, recipe=steps, steps=records, metrics=metrics)
 
 
@@ -451,11 +465,33 @@ def _fmt(spec: QuantSpec) -> str:
     return f"{base}-g{spec.group_size}" if spec.granularity == "group" else f"{base}-channel"
 
 
-def _measure(model: nn.Module, evaluate) -> dict:
+def _measure(model: nn.Module, evaluate, probe: dict | None) -> dict:
     out = {"size_bytes": model_nbytes(model), "params": model_params(model)}
     if evaluate is not None:
         out["quality"] = evaluate(model)
+    if probe is not None:
+        out["latency"] = latency_metric(model, probe)
+        out["latency_ms"] = out["latency"]["latency_ms"]
+        out["energy"] = energy_estimate(model, probe["batch1"])
     return out
+
+
+def four_ratios(baseline: dict, compressed: dict) -> dict:
+    """The seeds' success metrics, original / compressed: R size, A quality kept
+    (for a lower-is-better metric such as perplexity, original / compressed too),
+    L batch-1 latency, E estimated energy of one batch-1 forward pass."""
+    def ratio(a, b):
+        return None if a is None or b is None or b == 0 else a / b
+
+    q0, q1 = baseline.get("quality"), compressed.get("quality")
+    a = None
+    if q0 and q1:
+        higher = q0.get("higher_is_better", True)
+        a = ratio(q1["value"], q0["value"]) if higher else ratio(q0["value"], q1["value"])
+    e0, e1 = baseline.get("energy"), compressed.get("energy")
+    return {"R": ratio(baseline["size_bytes"], compressed["size_bytes"]), "A": a,
+            "L": ratio(baseline.get("latency_ms"), compressed.get("latency_ms")),
+            "E": ratio(e0 and e0["joules"], e1 and e1["joules"])}
 
 
 def _check_weights(model: nn.Module) -> None:

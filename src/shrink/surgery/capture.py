@@ -150,8 +150,13 @@ def default_forward_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
-def _call_model(model: nn.Module, batch, extra: dict):
-    batch = _to_model_device(model, batch)
+def call_model(model: nn.Module, batch, extra: dict | None = None):
+    """model(batch), model(**batch) or model(*batch) (plus `extra` keyword arguments),
+    with the batch's tensors moved to the device of the model's weights."""
+    extra = extra or {}
+    p = next(model.parameters(), None)
+    if p is not None:
+        batch = to_device(batch, p.device)
     if isinstance(batch, torch.Tensor):
         return model(batch, **extra)
     if isinstance(batch, Mapping):
@@ -162,18 +167,14 @@ def _call_model(model: nn.Module, batch, extra: dict):
                     f"got {type(batch).__name__}")
 
 
-def _to_model_device(model: nn.Module, batch):
-    """Calibration batches (built on the CPU) moved to where the model's weights are."""
-    p = next(model.parameters(), None)
-    if p is None or p.device.type == "cpu":
-        return batch
-    move = (lambda v: v.to(p.device) if isinstance(v, torch.Tensor) else v)  # noqa: E731
+def to_device(batch, device: torch.device):
+    """A batch (tensor, mapping or tuple of them) with its tensors on `device` (built on the CPU, say)."""
     if isinstance(batch, torch.Tensor):
-        return move(batch)
+        return batch if batch.device == device else batch.to(device)
     if isinstance(batch, Mapping):
-        return {k: move(v) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(move(v) for v in batch)
+        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 
@@ -217,7 +218,7 @@ def _capture(model: nn.Module, first: nn.Module, others: Mapping, batches: Itera
         handles = [first.register_forward_pre_hook(on_first, with_kwargs=True)]
         handles += [b.register_forward_pre_hook(on_other(k), with_kwargs=True) for k, b in others.items()]
         try:
-            _call_model(model, batch, extra)
+            call_model(model, batch, extra)
         except _StopForward:
             pass
         finally:
