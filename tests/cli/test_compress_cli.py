@@ -58,3 +58,23 @@ def test_compress_digits_cnn_gptq_calibrates_on_training_images(tmp_path):
     convs = [l for l in layers if "im2col" in l["note"]]
     assert len(convs) == 2 and all(l["error"] <= l["error_rtn"] for l in convs)
     assert doc["compressed"]["quality"]["value"] >= doc["baseline"]["quality"]["value"] - 0.02
+
+
+def test_eval_of_a_compressed_dir_agrees_with_its_result(tmp_path):
+    out = tmp_path / "run"
+    r = run("compress", "digits-cnn", "--recipe", "w4-rtn", "-o", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    for key in ("latency_ms", "energy", "latency"):
+        assert key in doc["baseline"] and key in doc["compressed"]
+    assert set(doc["ratios"]) == {"R", "A", "L", "E"} and doc["ratios"]["E"] > 1
+    e = run("eval", str(out), "--json")
+    assert e.returncode == 0, e.stderr
+    got = json.loads(e.stdout)
+    assert got["source_model"] == "digits-cnn"
+    assert got["size_bytes"] == doc["compressed"]["size_bytes"] and got["params"] == doc["compressed"]["params"]
+    assert got["quality"] == doc["compressed"]["quality"]  # same held-out split, same saved codes
+    assert got["energy"]["joules"] == doc["compressed"]["energy"]["joules"]
+    assert got["latency_ms"] > 0
+    bad = run("eval", str(tmp_path / "nowhere"))
+    assert bad.returncode == 2 and "no such file or directory" in bad.stderr and "Traceback" not in bad.stderr

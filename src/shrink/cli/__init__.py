@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from shrink import __version__
-from shrink.cli import compress, demo, plan
+from shrink.cli import compress, demo, evaluate, plan
 
-COMMANDS = {"plan": plan, "compress": compress, "demo": demo}
+COMMANDS = {"plan": plan, "compress": compress, "eval": evaluate, "demo": demo}
 
 
 class UserError(Exception):

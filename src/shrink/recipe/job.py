@@ -16,7 +16,7 @@ from torch import nn
 
 from shrink.fsutil import write_json_atomic
 
-from .run import CompressResult, compress
+from .run import CompressResult, compress, measure
 from .steps import NEEDS_CALIBRATION, parse_recipe
 
 Progress = Callable[[str, int, int], None]
@@ -90,6 +90,38 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
     save_compressed(res.model, out / "model", base=base, extra={"recipe": doc["recipe"], "source_model": str(model_ref)})
     write_json_atomic(out / "result.json", _jsonable(doc))
     return doc
+
+
+def source_of(model_ref: str) -> str:
+    """The model a compressed directory was made from (its manifest's source_model), else model_ref."""
+    import json
+
+    from shrink.models.compressed import is_compressed_dir
+
+    p = Path(str(model_ref)).expanduser()
+    for candidate in (p, p / "model"):
+        if is_compressed_dir(candidate):
+            manifest = json.loads((candidate / "manifest.json").read_text(encoding="utf-8"))
+            source = manifest.get("source_model")
+            if not source:
+                raise ValueError(f"{candidate}/manifest.json names no source_model: cannot rebuild its data and metric")
+            return str(source)
+    return str(model_ref)
+
+
+def evaluate_job(model_ref: str, seed: int = 0) -> dict:
+    """Measure a model (a built-in name, a model directory, or a DIR from compress) as compress
+    does: size, parameters, quality on the held-out data of its kind, batch-1 and batched latency,
+    and the energy estimate. A compressed model is scored against the model it was made from."""
+    from shrink.eval.latency import latency_probe
+    from shrink.models.io import load
+
+    torch.manual_seed(seed)
+    source = source_of(model_ref)
+    reference, batches, metric, _ = prepare(source, seed=seed)
+    model = reference if source == str(model_ref) else load(model_ref)
+    probe = latency_probe(batches[0]) if batches else None
+    return {"model": str(model_ref), "source_model": source, **measure(model, metric, probe)}
 
 
 def _jsonable(obj):

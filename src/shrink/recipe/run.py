@@ -79,7 +79,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
                          "batches (e.g. 128 sequences of 512 tokens from shrink.data.calibration)")
     _check_weights(model)
     work = copy.deepcopy(model).eval()
-    baseline = _measure(model, evaluate, probe)
+    baseline = measure(model, evaluate, probe)
     records = []
     for i, step in enumerate(steps, 1):
         rec = StepRecord(index=i, step=step_to_dict(step))
@@ -107,7 +107,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
             _mixed(work, step, targets, batches, rec, report)
         rec.seconds = time.perf_counter() - t0
         records.append(rec)
-    compressed = _measure(work, evaluate, probe)
+    compressed = measure(work, evaluate, probe)
     metrics = {"baseline": baseline, "compressed": compressed,
                "size_reduction": baseline["size_bytes"] / compressed["size_bytes"],
                "ratios": four_ratios(baseline, compressed)}
@@ -465,7 +465,9 @@ def _fmt(spec: QuantSpec) -> str:
     return f"{base}-g{spec.group_size}" if spec.granularity == "group" else f"{base}-channel"
 
 
-def _measure(model: nn.Module, evaluate, probe: dict | None) -> dict:
+def measure(model: nn.Module, evaluate, probe: dict | None) -> dict:
+    """{"size_bytes", "params"} plus "quality" (evaluate given) and "latency_ms", "latency",
+    "energy" (a probe from shrink.eval.latency.latency_probe given)."""
     out = {"size_bytes": model_nbytes(model), "params": model_params(model)}
     if evaluate is not None:
         out["quality"] = evaluate(model)
