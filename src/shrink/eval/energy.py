@@ -33,7 +33,6 @@ from shrink.surgery.capture import call_model
 PJ_PER_DRAM_BYTE = 640.0 / 4
 PJ_PER_MAC = {"fp32": 3.7 + 0.9, "fp16": 1.1 + 0.4, "int8": 0.2 + 0.1}
 SOURCE = "M. Horowitz, Computing's energy problem (and what we can do about it), ISSCC 2014 (45 nm)"
-_BF16_KERNELS = ("int4pack_cpu", "int8pack_cpu", "int4pack_cuda")
 
 
 def energy_estimate(model: nn.Module, batch: Any) -> dict:
@@ -88,8 +87,8 @@ def _macs(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple[int, str]
     if isinstance(mod, W8A8Linear):
         return out.numel() * mod.in_features, "int8"
     if isinstance(mod, QuantLinear):
-        bf16 = mod.kernel in _BF16_KERNELS and x.device.type == mod.kernel.rsplit("_", 1)[1]
-        return out.numel() * mod.in_features, "fp16" if bf16 else _float_precision(x.dtype)
+        packed = mod.kernel_dtype is not None and x.device.type == mod.codes.device.type
+        return out.numel() * mod.in_features, _float_precision(mod.kernel_dtype if packed else x.dtype)
     in_features = mod.weight.shape[0] if type(mod).__name__ == "Conv1D" else mod.in_features
     return out.numel() * in_features, _float_precision(mod.weight.dtype)
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shrink.modules.decode import sync_device
 from shrink.surgery.capture import call_model, to_device
 
 
@@ -58,10 +59,10 @@ def measure_latency(model: nn.Module, batch: Any, *, warmup: int = 2, runs: int 
     try:
         with torch.inference_mode():
             for i in range(warmup + runs):
-                _sync(device)
+                sync_device(device)
                 t0 = time.perf_counter()
-                call_model(model, batch)
-                _sync(device)
+                call_model(model, batch, move=False)  # moved once, above
+                sync_device(device)
                 if i >= warmup:
                     times.append((time.perf_counter() - t0) * 1e3)
     finally:
@@ -92,7 +93,3 @@ def _device(model: nn.Module) -> torch.device:
         return t.device
     return torch.device("cpu")
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

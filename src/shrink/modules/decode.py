@@ -78,7 +78,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
                        cache_position=torch.arange(n_prompt, device=device), logits_to_keep=1).logits
         tok = logits[:, -1:].argmax(-1)
         out_tokens.append(tok)
-        _sync(device)
+        sync_device(device)
         t1 = time.perf_counter()
         for i in range(1, max_new_tokens):
             if eos_token_id is not None and bool((tok == eos_token_id).all()):
@@ -88,13 +88,14 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
                            logits_to_keep=1).logits
             tok = logits[:, -1:].argmax(-1)
             out_tokens.append(tok)
-        _sync(device)  # a GPU runs behind the Python loop: wait for it before reading the clock
+        sync_device(device)  # a GPU runs behind the Python loop: wait for it before reading the clock
         t2 = time.perf_counter()
         tokens = torch.cat(out_tokens, dim=1)
     return DecodeResult(tokens=tokens, prompt_tokens=n_prompt, new_tokens=len(out_tokens) - 1,
                         prefill_s=t1 - t0, decode_s=t2 - t1)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for a GPU's queued work (a no-op on the CPU): before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

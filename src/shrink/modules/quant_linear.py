@@ -299,7 +299,7 @@ class QuantLinear(nn.Module):
         # buffer costs ~0.3 us a lookup, a share of a batch-1 call. Refreshed wherever the
         # buffers change (_prepare, _apply).
         w, s = self._kernel_weight, self._kernel_scales
-        if w is None or self.kernel == "dequant_cuda":
+        if w is None:
             self._fast = None
         else:
             cuda = self.kernel.endswith("cuda")
@@ -374,6 +374,12 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """W_hat = (q - zero_point) * scale as [out_features, in_features] in weight_dtype."""
         return self._dequantize(self.codes.device)
+
+    @property
+    def kernel_dtype(self) -> torch.dtype | None:
+        """The dtype the packed kernel multiplies in (bf16), for inputs on the module's device;
+        None where forward runs F.linear in the input's own dtype (reference, dequant_cuda)."""
+        return torch.bfloat16 if self._fast is not None else None
 
     @property
     def nbytes(self) -> int:

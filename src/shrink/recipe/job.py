@@ -16,7 +16,8 @@ from torch import nn
 
 from shrink.fsutil import write_json_atomic
 
-from .run import CompressResult, compress, measure
+from .measure import measure
+from .run import CompressResult, compress
 from .steps import NEEDS_CALIBRATION, parse_recipe
 
 Progress = Callable[[str, int, int], None]

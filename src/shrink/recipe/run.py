@@ -21,8 +21,7 @@ from shrink.algos import gptq, kmeans, rtn
 from shrink.algos.awq import awq
 from shrink.algos.mixed import Sensitivity, allocate_bits, layer_sensitivity
 from shrink.algos.smoothquant import smoothquant_scales
-from shrink.eval.energy import energy_estimate
-from shrink.eval.latency import latency_metric, latency_probe
+from shrink.eval.latency import latency_probe
 from shrink.modules.input_scaled import InputScaled
 from shrink.modules.quant_conv2d import QuantConv2d
 from shrink.modules.quant_linear import QuantLinear
@@ -31,7 +30,8 @@ from shrink.quant import QTensor, QuantSpec, check_finite, dequantize, quantize
 from shrink.surgery import SequentialRunner, Target, find_fold_source, fold_into, replace_module, select_modules
 
 from .hessians import HessianCollector, gptq_row_groups, hessian_error, row_parts
-from .records import LayerRecord, StepRecord, model_nbytes, model_params
+from .measure import four_ratios, measure
+from .records import LayerRecord, StepRecord
 from .steps import AWQ, GPTQ, NEEDS_CALIBRATION, RTN, KMeans, MixedPrecision, SmoothQuant, parse_recipe, step_to_dict
 
 Progress = Callable[[str, int, int], None]
@@ -463,37 +463,6 @@ def _rows(qt: QTensor, start: int, stop: int, spec: QuantSpec) -> QTensor:
 def _fmt(spec: QuantSpec) -> str:
     base = f"int{spec.bits}"
     return f"{base}-g{spec.group_size}" if spec.granularity == "group" else f"{base}-channel"
-
-
-def measure(model: nn.Module, evaluate, probe: dict | None) -> dict:
-    """{"size_bytes", "params"} plus "quality" (evaluate given) and "latency_ms", "latency",
-    "energy" (a probe from shrink.eval.latency.latency_probe given)."""
-    out = {"size_bytes": model_nbytes(model), "params": model_params(model)}
-    if evaluate is not None:
-        out["quality"] = evaluate(model)
-    if probe is not None:
-        out["latency"] = latency_metric(model, probe)
-        out["latency_ms"] = out["latency"]["latency_ms"]
-        out["energy"] = energy_estimate(model, probe["batch1"])
-    return out
-
-
-def four_ratios(baseline: dict, compressed: dict) -> dict:
-    """The seeds' success metrics, original / compressed: R size, A quality kept
-    (for a lower-is-better metric such as perplexity, original / compressed too),
-    L batch-1 latency, E estimated energy of one batch-1 forward pass."""
-    def ratio(a, b):
-        return None if a is None or b is None or b == 0 else a / b
-
-    q0, q1 = baseline.get("quality"), compressed.get("quality")
-    a = None
-    if q0 and q1:
-        higher = q0.get("higher_is_better", True)
-        a = ratio(q1["value"], q0["value"]) if higher else ratio(q0["value"], q1["value"])
-    e0, e1 = baseline.get("energy"), compressed.get("energy")
-    return {"R": ratio(baseline["size_bytes"], compressed["size_bytes"]), "A": a,
-            "L": ratio(baseline.get("latency_ms"), compressed.get("latency_ms")),
-            "E": ratio(e0 and e0["joules"], e1 and e1["joules"])}
 
 
 def _check_weights(model: nn.Module) -> None:

@@ -150,11 +150,12 @@ def default_forward_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
-def call_model(model: nn.Module, batch, extra: dict | None = None):
+def call_model(model: nn.Module, batch, extra: dict | None = None, *, move: bool = True):
     """model(batch), model(**batch) or model(*batch) (plus `extra` keyword arguments),
-    with the batch's tensors moved to the device of the model's weights."""
+    with the batch's tensors moved to the device of the model's weights (move=False:
+    the caller already did, e.g. in a timed loop)."""
     extra = extra or {}
-    p = next(model.parameters(), None)
+    p = next(model.parameters(), None) if move else None
     if p is not None:
         batch = to_device(batch, p.device)
     if isinstance(batch, torch.Tensor):
