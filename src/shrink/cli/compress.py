@@ -12,6 +12,9 @@ def add_parser(sub) -> None:
                    help="a built-in name (int8, w4-rtn, w4-gptq, w4-awq, w3-gptq, kmeans16) or a YAML file")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.add_argument("--calib", metavar="SOURCE", help="calibration text: a .txt or .jsonl file (default: the stdlib corpus)")
+    p.add_argument("--device", metavar="NAME",
+                   help="a device from `shrink plan`'s table (e.g. rtx-4090, raspberry-pi-5): the report shows "
+                        "memory fit and the roofline there")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print result.json on stdout")
 
@@ -28,7 +31,8 @@ def run(args) -> int:
             bar = bars[label] = Progress(label, total)
         bar(done)
 
-    doc = run_job(args.model, args.recipe, args.output, calib=args.calib, seed=args.seed, progress=progress)
+    doc = run_job(args.model, args.recipe, args.output, calib=args.calib, seed=args.seed, device=args.device,
+                  progress=progress)
     if args.json:
         json.dump(doc, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")

@@ -16,6 +16,7 @@ from torch import nn
 
 from shrink.fsutil import write_json_atomic
 
+from .figures import plan_section
 from .measure import measure
 from .run import CompressResult, compress
 from .steps import NEEDS_CALIBRATION, parse_recipe
@@ -76,10 +77,15 @@ def _lines(texts: list[str], n: int) -> list[str]:
 
 
 def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = None, seed: int = 0,
-            progress: Progress | None = None) -> dict:
+            device: str | None = None, progress: Progress | None = None) -> dict:
+    """device: a name from the plan's device table; the result's plan then says whether each
+    format fits there and draws the roofline of that device."""
     from shrink.models.compressed import save_compressed
+    from shrink.plan.devices import get_device
 
     steps = parse_recipe(recipe)  # fail on a bad recipe before loading anything
+    if device is not None:
+        get_device(device)  # an unknown device fails now, not after the run
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     model, batches, metric, base = prepare(model_ref, calib=calib, seed=seed)
@@ -87,7 +93,10 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
         raise ValueError(f"{model_ref}: this model has no text calibration data; use rtn or kmeans steps")
     res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress)
     out = Path(out_dir)
-    doc = {"model": str(model_ref), **res.to_json(), "seconds": time.perf_counter() - t0, "seed": seed}
+    doc = {"model": str(model_ref), **res.to_json(), "seconds": time.perf_counter() - t0, "seed": seed,
+           "device": device}
+    doc["plan"], doc["roofline"] = plan_section(model, doc["baseline"]["params"], device,
+                                                {"baseline": doc["baseline"], "compressed": doc["compressed"]})
     save_compressed(res.model, out / "model", base=base, extra={"recipe": doc["recipe"], "source_model": str(model_ref)})
     write_json_atomic(out / "result.json", _jsonable(doc))
     return doc

@@ -32,6 +32,7 @@ class StepRecord:
     seconds: float = 0.0
     layers: list[LayerRecord] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)   # {"name", "reason"}
+    details: dict = field(default_factory=dict)          # step-specific evidence (e.g. mixed-precision sensitivities)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -29,6 +29,7 @@ from shrink.modules.w8a8_linear import W8A8Linear
 from shrink.quant import QTensor, QuantSpec, check_finite, dequantize, quantize
 from shrink.surgery import SequentialRunner, Target, find_fold_source, fold_into, replace_module, select_modules
 
+from .figures import run_figures
 from .hessians import HessianCollector, gptq_row_groups, hessian_error, row_parts
 from .measure import four_ratios, measure
 from .records import LayerRecord, StepRecord
@@ -44,10 +45,11 @@ class CompressResult:
     recipe: list
     steps: list[StepRecord]
     metrics: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)   # the report's plot data (recipe.figures)
 
     def to_json(self) -> dict:
         return {"recipe": [step_to_dict(s) for s in self.recipe],
-                "steps": [s.to_dict() for s in self.steps], **self.metrics}
+                "steps": [s.to_dict() for s in self.steps], **self.metrics, "figures": self.figures}
 
 
 def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
@@ -111,7 +113,8 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
     metrics = {"baseline": baseline, "compressed": compressed,
                "size_reduction": baseline["size_bytes"] / compressed["size_bytes"],
                "ratios": four_ratios(baseline, compressed)}
-    return CompressResult(model=work, recipe=steps, steps=records, metrics=metrics)
+    return CompressResult(model=work, recipe=steps, steps=records, metrics=metrics,
+                          figures=run_figures(model, work, records))
 
 
 # ---------------------------------------------------------------- steps
@@ -338,6 +341,8 @@ def _mixed(model, step: MixedPrecision, targets, batches, rec: StepRecord, repor
     alloc = allocate_bits(sens, bits_per_weight=step.bits_per_weight, max_bytes=step.max_bytes)
     if not alloc.feasible:
         raise ValueError(f"mixed_precision: the budget cannot be met: {alloc.note}")
+    rec.details["sensitivity"] = [{"layer": s.name, "errors": {str(b): e for b, e in s.errors.items()},
+                                   "bits": alloc.bits[s.name]} for s in sens]
     for n, t in enumerate(chosen, 1):
         t0 = time.perf_counter()
         bits = alloc.bits[t.name]
