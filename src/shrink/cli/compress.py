@@ -20,17 +20,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from shrink.cli.progress import Progress
+    from shrink.cli.progress import bar_callback
     from shrink.recipe.job import run_job
 
-    bars: dict[str, Progress] = {}
-
-    def progress(label: str, done: int, total: int) -> None:
-        bar = bars.get(label)
-        if bar is None:
-            bar = bars[label] = Progress(label, total)
-        bar(done)
-
+    progress = bar_callback()
     doc = run_job(args.model, args.recipe, args.output, calib=args.calib, seed=args.seed, device=args.device,
                   progress=progress)
     if args.json:

@@ -22,3 +22,16 @@ class Progress:
         end = "\n" if done >= self.total else ""
         self.stream.write(f"\r{self.label:<22} [{bar}] {done}/{self.total} {secs:5.1f}s{end}")
         self.stream.flush()
+
+
+def bar_callback():
+    """progress(label, done, total) for the library: one bar per label, drawn on stderr."""
+    bars: dict[str, Progress] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        bar = bars.get(label)
+        if bar is None:
+            bar = bars[label] = Progress(label, total)
+        bar(done)
+
+    return progress

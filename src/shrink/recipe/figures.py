@@ -53,20 +53,30 @@ def plan_section(model: nn.Module, params: int, device: str | None, measured: di
     """The plan document for this model (its architecture when it has a Hugging Face config,
     else its parameter count) and the roofline on `device`: each planned format's decode
     step, and the run's own models before and after (weights read once per token)."""
+    plan = plan_for(model, params, device)
+    return plan.to_json(), _roofline(plan, measured)
+
+
+def plan_for(model: nn.Module, params: int, device: str | None):
+    """shrink.plan's Plan for this model: from its Hugging Face config when it has one."""
     from shrink.plan.arch import from_hf_config
     from shrink.plan.planner import build_plan
 
     cfg = getattr(model, "config", None)
-    plan = None
     if cfg is not None and hasattr(cfg, "to_dict"):
         try:
-            plan = build_plan(from_hf_config(cfg.to_dict()), device=device)
+            return build_plan(from_hf_config(cfg.to_dict()), device=device)
         except (ValueError, KeyError, TypeError):
-            plan = None
-    if plan is None:
-        plan = build_plan(params=params, device=device)
-    doc = plan.to_json()
-    return doc, _roofline(plan, measured)
+            pass
+    return build_plan(params=params, device=device)
+
+
+def weight_room(plan) -> int | None:
+    """Bytes left for the weights on the plan's device: usable memory - KV cache - activations."""
+    if plan.usable_bytes is None:
+        return None
+    kv = plan.formats[0].kv_cache_bytes if plan.formats else 0
+    return plan.usable_bytes - kv - plan.activation_bytes
 
 
 def _roofline(plan, measured: dict) -> dict | None:

@@ -30,9 +30,17 @@ def is_causal_lm(model: nn.Module) -> bool:
     return hasattr(model, "generation_config") or any("CausalLM" in a or "LMHead" in a for a in archs)
 
 
+PROXY_SAMPLES, PROXY_TOKENS, PROXY_SENTENCES = 16, 4096, 32
+
+
 def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_len: int = 128,
-            seed: int = 0) -> tuple[nn.Module, list | None, Callable | None, dict]:
-    """(model, calibration batches, metric, base description for saving)."""
+            seed: int = 0, proxy: bool = False) -> tuple[nn.Module, list | None, Callable | None, dict]:
+    """(model, calibration batches, metric, base description for saving).
+
+    proxy: the cheap version search screens candidates with: a quarter of the
+    calibration samples and a quarter of the held-out tokens (sentences for encoders)."""
+    if proxy:
+        n_samples = min(n_samples, PROXY_SAMPLES)
     from shrink.data.calibration import calibration_batches, calibration_texts, sentence_batches
     from shrink.data.corpus import sentences_from, stdlib_corpus
     from shrink.eval.quality import accuracy_metric, embedding_metric, perplexity_metric
@@ -58,13 +66,14 @@ def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_l
     if is_causal_lm(model):
         ids = calibration_batches(source, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
         batches = [{"input_ids": ids[i:i + 8]} for i in range(0, ids.shape[0], 8)]
-        metric = perplexity_metric(tok, corpus.heldout_texts, seq_len=seq_len, max_tokens=16384)
+        metric = perplexity_metric(tok, corpus.heldout_texts, seq_len=seq_len,
+                                   max_tokens=PROXY_TOKENS if proxy else 16384)
     else:
         # An encoder is calibrated on sentences framed as it reads them: 8 per sample asked for.
         texts = calibration_texts(source)
         sentences = sentences_from(texts, n=8 * n_samples) if calib is None else _lines(texts, 8 * n_samples)
         batches = sentence_batches(tok, sentences, max_length=seq_len)
-        metric = embedding_metric(model, tok, sentences_from(corpus.heldout_texts, n=64))
+        metric = embedding_metric(model, tok, sentences_from(corpus.heldout_texts, n=PROXY_SENTENCES if proxy else 64))
     return model, batches, metric, base
 
 
@@ -80,7 +89,6 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
             device: str | None = None, progress: Progress | None = None) -> dict:
     """device: a name from the plan's device table; the result's plan then says whether each
     format fits there and draws the roofline of that device."""
-    from shrink.models.compressed import save_compressed
     from shrink.plan.devices import get_device
 
     steps = parse_recipe(recipe)  # fail on a bad recipe before loading anything
@@ -88,18 +96,34 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
         get_device(device)  # an unknown device fails now, not after the run
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model, batches, metric, base = prepare(model_ref, calib=calib, seed=seed)
+    prepared = prepare(model_ref, calib=calib, seed=seed)
+    return run_prepared(prepared, model_ref, steps, out_dir, seed=seed, device=device, progress=progress, t0=t0)
+
+
+def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | None, *, seed: int = 0,
+                 device: str | None = None, progress: Progress | None = None, t0: float | None = None,
+                 measure_speed: bool = True, baseline: dict | None = None) -> dict:
+    """run_job on a model already prepared (search reuses one preparation for many recipes);
+    out_dir None: measure only, save nothing."""
+    from shrink.models.compressed import save_compressed
+
+    t0 = time.perf_counter() if t0 is None else t0
+    model, batches, metric, base = prepared
+    torch.manual_seed(seed)
     if batches is None and any(isinstance(s, NEEDS_CALIBRATION) for s in steps):
         raise ValueError(f"{model_ref}: this model has no text calibration data; use rtn or kmeans steps")
-    res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress)
-    out = Path(out_dir)
+    res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress,
+                                   measure_speed=measure_speed, baseline=baseline)
     doc = {"model": str(model_ref), **res.to_json(), "seconds": time.perf_counter() - t0, "seed": seed,
            "device": device}
     doc["plan"], doc["roofline"] = plan_section(model, doc["baseline"]["params"], device,
                                                 {"baseline": doc["baseline"], "compressed": doc["compressed"]})
-    save_compressed(res.model, out / "model", base=base, extra={"recipe": doc["recipe"], "source_model": str(model_ref)})
-    write_json_atomic(out / "result.json", _jsonable(doc))
-    return doc
+    if out_dir is not None:
+        out = Path(out_dir)
+        save_compressed(res.model, out / "model", base=base,
+                        extra={"recipe": doc["recipe"], "source_model": str(model_ref)})
+        write_json_atomic(out / "result.json", _jsonable(doc))
+    return _jsonable(doc)
 
 
 def source_of(model_ref: str) -> str:

@@ -54,14 +54,16 @@ class CompressResult:
 
 def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
              evaluate: Callable[[nn.Module], dict] | None = None, *,
-             progress: Progress | None = None, example: Any = None, measure_speed: bool = True) -> CompressResult:
+             progress: Progress | None = None, example: Any = None, measure_speed: bool = True,
+             baseline: dict | None = None) -> CompressResult:
     """Compress a copy of `model` with `recipe` (a built-in name, YAML file, or list of steps).
 
     calibration: batches the model accepts (tensors of token ids, dicts of model
     inputs, or tuples), needed by gptq and awq. evaluate(model) -> {"name": ..., "value": ...}
     measures quality before and after. example: an input batch for the latency
     (batch 1 and up to 8) and energy figures, default the first calibration batch;
-    measure_speed=False skips them (no latency or energy in the metrics).
+    measure_speed=False skips them (no latency or energy in the metrics). baseline: the
+    original model's measurement when already taken (search measures it once for all trials).
 
     metrics: "baseline" and "compressed" ({"size_bytes", "params", "quality",
     "latency_ms", "latency", "energy"}), "size_reduction", and "ratios" with the
@@ -81,7 +83,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
                          "batches (e.g. 128 sequences of 512 tokens from shrink.data.calibration)")
     _check_weights(model)
     work = copy.deepcopy(model).eval()
-    baseline = measure(model, evaluate, probe)
+    baseline = measure(model, evaluate, probe) if baseline is None else baseline
     records = []
     for i, step in enumerate(steps, 1):
         rec = StepRecord(index=i, step=step_to_dict(step))
