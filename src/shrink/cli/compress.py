@@ -15,6 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", metavar="NAME",
                    help="a device from `shrink plan`'s table (e.g. rtx-4090, raspberry-pi-5): the report shows "
                         "memory fit and the roofline there")
+    p.add_argument("--force", action="store_true",
+                   help="run a step order the recipe rules refuse (e.g. pruning after quantization)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print result.json on stdout")
 
@@ -25,7 +27,7 @@ def run(args) -> int:
 
     progress = bar_callback()
     doc = run_job(args.model, args.recipe, args.output, calib=args.calib, seed=args.seed, device=args.device,
-                  progress=progress)
+                  force=args.force, progress=progress)
     if args.json:
         json.dump(doc, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -51,5 +53,7 @@ def run(args) -> int:
             extra = f", output error {ratio:.2f}x RTN's on average"
         print(f"step {step['index']} {next(iter(step['step']))}: {len(layers)} layers in {step['seconds']:.1f}s{extra}"
               + (f"; {len(step['skipped'])} modules skipped (see result.json)" if step["skipped"] else ""))
+    for w in doc.get("warnings") or []:
+        print(w)
     print(f"wrote {args.output}/result.json and {args.output}/model/")
     return 0

@@ -18,6 +18,7 @@ from shrink.fsutil import write_json_atomic
 
 from .figures import plan_section
 from .measure import measure
+from .rules import check_order
 from .run import CompressResult, compress
 from .steps import NEEDS_CALIBRATION, parse_recipe
 
@@ -86,23 +87,25 @@ def _lines(texts: list[str], n: int) -> list[str]:
 
 
 def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = None, seed: int = 0,
-            device: str | None = None, progress: Progress | None = None) -> dict:
+            device: str | None = None, force: bool = False, progress: Progress | None = None) -> dict:
     """device: a name from the plan's device table; the result's plan then says whether each
     format fits there and draws the roofline of that device."""
     from shrink.plan.devices import get_device
 
     steps = parse_recipe(recipe)  # fail on a bad recipe before loading anything
+    check_order(steps, force=force)
     if device is not None:
         get_device(device)  # an unknown device fails now, not after the run
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     prepared = prepare(model_ref, calib=calib, seed=seed)
-    return run_prepared(prepared, model_ref, steps, out_dir, seed=seed, device=device, progress=progress, t0=t0)
+    return run_prepared(prepared, model_ref, steps, out_dir, seed=seed, device=device, progress=progress, t0=t0,
+                        force=force)
 
 
 def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | None, *, seed: int = 0,
                  device: str | None = None, progress: Progress | None = None, t0: float | None = None,
-                 measure_speed: bool = True, baseline: dict | None = None) -> dict:
+                 measure_speed: bool = True, baseline: dict | None = None, force: bool = False) -> dict:
     """run_job on a model already prepared (search reuses one preparation for many recipes);
     out_dir None: measure only, save nothing."""
     from shrink.models.compressed import save_compressed
@@ -113,7 +116,7 @@ def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | No
     if batches is None and any(isinstance(s, NEEDS_CALIBRATION) for s in steps):
         raise ValueError(f"{model_ref}: this model has no text calibration data; use rtn or kmeans steps")
     res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress,
-                                   measure_speed=measure_speed, baseline=baseline)
+                                   measure_speed=measure_speed, baseline=baseline, force=force)
     doc = {"model": str(model_ref), **res.to_json(), "seconds": time.perf_counter() - t0, "seed": seed,
            "device": device}
     doc["plan"], doc["roofline"] = plan_section(model, doc["baseline"]["params"], device,

@@ -33,6 +33,7 @@ from .figures import run_figures
 from .hessians import HessianCollector, gptq_row_groups, hessian_error, row_parts
 from .measure import four_ratios, measure
 from .records import LayerRecord, StepRecord
+from .rules import check_order
 from .steps import AWQ, GPTQ, NEEDS_CALIBRATION, RTN, KMeans, MixedPrecision, SmoothQuant, parse_recipe, step_to_dict
 
 Progress = Callable[[str, int, int], None]
@@ -55,7 +56,7 @@ class CompressResult:
 def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
              evaluate: Callable[[nn.Module], dict] | None = None, *,
              progress: Progress | None = None, example: Any = None, measure_speed: bool = True,
-             baseline: dict | None = None) -> CompressResult:
+             baseline: dict | None = None, force: bool = False) -> CompressResult:
     """Compress a copy of `model` with `recipe` (a built-in name, YAML file, or list of steps).
 
     calibration: batches the model accepts (tensors of token ids, dicts of model
@@ -64,6 +65,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
     (batch 1 and up to 8) and energy figures, default the first calibration batch;
     measure_speed=False skips them (no latency or energy in the metrics). baseline: the
     original model's measurement when already taken (search measures it once for all trials).
+    force: run an order the recipe rules refuse (recipe/rules.py); metrics["warnings"] says so.
 
     metrics: "baseline" and "compressed" ({"size_bytes", "params", "quality",
     "latency_ms", "latency", "energy"}), "size_reduction", and "ratios" with the
@@ -72,6 +74,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
     (A: the quality kept, as a fraction; None where a figure was not measured).
     """
     steps = parse_recipe(recipe)
+    warnings = check_order(steps, force=force)
     batches = None if calibration is None else list(calibration)
     if example is None and batches:
         example = batches[0]
@@ -114,7 +117,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
     compressed = measure(work, evaluate, probe)
     metrics = {"baseline": baseline, "compressed": compressed,
                "size_reduction": baseline["size_bytes"] / compressed["size_bytes"],
-               "ratios": four_ratios(baseline, compressed)}
+               "ratios": four_ratios(baseline, compressed), "warnings": warnings}
     return CompressResult(model=work, recipe=steps, steps=records, metrics=metrics,
                           figures=run_figures(model, work, records))
 

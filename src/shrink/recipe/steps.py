@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 from shrink.quant import QuantSpec
 
@@ -34,6 +34,7 @@ class Targets:
 @dataclass(frozen=True)
 class RTN:
     """Round to nearest, per channel or per group, with an observer for the range."""
+    kind: ClassVar[str] = "quantize"   # the ordering rules' stage (recipe/rules.py)
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
@@ -55,6 +56,7 @@ class RTN:
 @dataclass(frozen=True)
 class GPTQ:
     """GPTQ: Hessian-guided rounding with error feedback, block by block on calibration data."""
+    kind: ClassVar[str] = "quantize"   # the ordering rules' stage (recipe/rules.py)
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
@@ -82,6 +84,7 @@ class GPTQ:
 @dataclass(frozen=True)
 class AWQ:
     """AWQ: activation-aware scales (grid over alpha) and clipping, then 4-bit groups."""
+    kind: ClassVar[str] = "quantize"   # the ordering rules' stage (recipe/rules.py)
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
@@ -102,6 +105,7 @@ class AWQ:
 @dataclass(frozen=True)
 class KMeans:
     """Deep Compression weight sharing: one k-means codebook per layer."""
+    kind: ClassVar[str] = "quantize"   # the ordering rules' stage (recipe/rules.py)
     clusters: int = 16
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
@@ -115,6 +119,7 @@ class KMeans:
 class SmoothQuant:
     """SmoothQuant W8A8: scales s = max|X|^alpha / max|W|^(1-alpha) moved from activations to
     weights, int8 weights per channel, int8 activations per token at run time."""
+    kind: ClassVar[str] = "quantize"   # the ordering rules' stage (recipe/rules.py)
     alpha: float = 0.5
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
@@ -129,6 +134,7 @@ class MixedPrecision:
     """Per-layer bit widths chosen to meet a budget (bits per weight, or bytes) at the least
     total layer-output error, measured with calibration Hessians; then each layer is
     quantized at its width with `method` (gptq or rtn)."""
+    kind: ClassVar[str] = "quantize"   # the ordering rules' stage (recipe/rules.py)
     bits_per_weight: float | None = None
     max_bytes: int | None = None
     candidates: tuple[int, ...] = (2, 3, 4, 8)
