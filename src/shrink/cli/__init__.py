@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from shrink import __version__
-from shrink.cli import compress, demo, evaluate, plan
+from shrink.cli import compress, demo, evaluate, inspect, plan
 
-COMMANDS = {"plan": plan, "compress": compress, "eval": evaluate, "demo": demo}
+COMMANDS = {"plan": plan, "inspect": inspect, "compress": compress, "eval": evaluate, "demo": demo}
 
 
 class UserError(Exception):

@@ -107,7 +107,9 @@ def _hooked_pass(model: nn.Module, batches: Sequence, targets: list[Target], on_
 
 def inspect_module(model: nn.Module, batches: Sequence | None = None, *, progress: Progress | None = None) -> dict:
     """The inspect document (see inspect_model) for a model in memory; with `batches`
-    (as compress takes them) the output-error proxy and ranking by it are added."""
+    (as compress takes them; the first MAX_BATCHES are used) the output-error proxy and
+    the ranking by it are added."""
+    batches = None if batches is None else list(batches)[:MAX_BATCHES] or None
     rows = layer_rows(model)
     params, stored = model_params(model), model_nbytes(model)
     floats = [r for r in rows if not r.quantized and r.kind != "embedding"]
@@ -121,7 +123,7 @@ def inspect_module(model: nn.Module, batches: Sequence | None = None, *, progres
         errors = output_errors(model, batches, targets, progress=progress)
         for r in rows:
             r.output_error_int4 = errors.get(r.name)
-        calib.update(used=True, batches=min(len(batches), MAX_BATCHES))
+        calib.update(used=True, batches=len(batches))
     ranked_by = "output_error_int4" if calib["used"] else "sqnr_int4"
     order = rank_rows(rows, ranked_by)
     layer_params = sum(r.params for r in rows)
