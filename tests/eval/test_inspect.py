@@ -208,6 +208,7 @@ def test_digits_mlp_document(mlp):
     assert doc["calibration"]["used"] and doc["calibration"]["batches"] == 4
     assert doc["totals"]["compressible_layers"] == 3 and doc["totals"]["bytes_fp16"] == 2 * doc["totals"]["params"]
     assert sorted(r["rank"] for r in doc["layers"]) == [1, 2, 3]
+    assert [r["bits_per_weight"] for r in doc["layers"]] == [32.0] * 3
     json.dumps(doc, allow_nan=False)  # nothing NaN or infinite in a plain float model
     off = inspect_model("digits-mlp", data=False)
     assert not off["calibration"]["used"] and all(r["output_error_int4"] is None for r in off["layers"])

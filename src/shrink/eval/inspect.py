@@ -14,7 +14,7 @@ The data-based part of the picture (layer-output error) is in recipe/inspect.py.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -118,14 +118,16 @@ class LayerRow:
 
     @property
     def bits_per_weight(self) -> float | None:
-        n = math.prod(self.shape)
-        return 8.0 * self.bytes / n if n and not self.shared_with else None
+        """8 x bytes / params (bias included in both); None for a row whose weight is counted elsewhere."""
+        return 8.0 * self.bytes / self.params if self.params and not self.shared_with else None
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("weight", "module", "stats")}
+        # not asdict(self): it would deep-copy the weight and the module
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("weight", "module")}
         d["shape"] = list(self.shape)
-        d["bits_per_weight"] = self.bits_per_weight
         d["stats"] = asdict(self.stats)
+        d["sqnr_db"] = None if self.sqnr_db is None else dict(self.sqnr_db)
+        d["bits_per_weight"] = self.bits_per_weight
         return d
 
 
