@@ -9,9 +9,10 @@ import argparse
 import sys
 
 from shrink import __version__
-from shrink.cli import compress, demo, evaluate, inspect, plan
+from shrink.cli import compress, demo, evaluate, inspect, plan, report
 
-COMMANDS = {"plan": plan, "inspect": inspect, "compress": compress, "eval": evaluate, "demo": demo}
+COMMANDS = {"plan": plan, "inspect": inspect, "compress": compress, "eval": evaluate, "report": report,
+            "demo": demo}
 
 
 class UserError(Exception):
