@@ -15,6 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", metavar="NAME",
                    help="a device from `shrink plan`'s table (e.g. rtx-4090, raspberry-pi-5): the report shows "
                         "memory fit and the roofline there")
+    p.add_argument("--eval", dest="eval_source", metavar="SOURCE",
+                   help="held-out text to score quality on (.txt or .jsonl; default: held-out stdlib modules)")
     p.add_argument("--force", action="store_true",
                    help="run a step order the recipe rules refuse (e.g. pruning after quantization)")
     p.add_argument("--seed", type=int, default=0)
@@ -26,7 +28,7 @@ def run(args) -> int:
     from shrink.recipe.job import run_job
 
     progress = bar_callback()
-    doc = run_job(args.model, args.recipe, args.output, calib=args.calib, seed=args.seed, device=args.device,
+    doc = run_job(args.model, args.recipe, args.output, calib=args.calib, eval_source=args.eval_source, seed=args.seed, device=args.device,
                   force=args.force, progress=progress)
     if args.json:
         json.dump(doc, sys.stdout, indent=2, default=str)

@@ -10,6 +10,8 @@ def add_parser(sub) -> None:
                        description="Measure a built-in model, a model directory, or a DIR written by "
                                    "`shrink compress` (scored against the model it was made from).")
     p.add_argument("model", metavar="MODEL_OR_DIR")
+    p.add_argument("--eval", dest="eval_source", metavar="SOURCE",
+                   help="held-out text to score quality on (.txt or .jsonl; default: held-out stdlib modules)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
@@ -17,7 +19,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from shrink.recipe.job import _jsonable, evaluate_job
 
-    doc = _jsonable(evaluate_job(args.model, seed=args.seed))
+    doc = _jsonable(evaluate_job(args.model, seed=args.seed, eval_source=args.eval_source))
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -27,7 +29,7 @@ def run(args) -> int:
         print(f"compressed from {doc['source_model']}")
     q = doc.get("quality")
     if q:
-        print(f"{q['name']}: {q['value']:.4f}")
+        print(f"{q['name']}: {q['value']:.4f}" + (f" (on {doc['eval_source']})" if doc.get("eval_source") else ""))
     lat = doc.get("latency")
     if lat:
         print(f"latency: batch 1 {lat['batch1']['median_ms']:.2f} ms, batch {lat['batched']['batch_size']} "

@@ -35,13 +35,20 @@ PROXY_SAMPLES, PROXY_TOKENS, PROXY_SENTENCES = 16, 4096, 32
 
 
 def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_len: int = 128,
-            seed: int = 0, proxy: bool = False) -> tuple[nn.Module, list | None, Callable | None, dict]:
+            seed: int = 0, proxy: bool = False, eval_source: str | None = None,
+            ) -> tuple[nn.Module, list | None, Callable | None, dict]:
     """(model, calibration batches, metric, base description for saving).
+
+    eval_source: held-out text to score on instead of the standard-library modules (a .txt
+    or .jsonl file): perplexity for a causal LM, embedding fidelity on its lines for an encoder.
 
     proxy: the cheap version search screens candidates with: a quarter of the
     calibration samples and a quarter of the held-out tokens (sentences for encoders)."""
     if proxy:
         n_samples = min(n_samples, PROXY_SAMPLES)
+    if eval_source is not None and not Path(str(eval_source)).is_file() and str(eval_source) != "stdlib:heldout":
+        raise FileNotFoundError(f"--eval {eval_source}: no such file; give held-out text as a .txt file or a "
+                                ".jsonl file with a \"text\" field per line")
     from shrink.data.calibration import calibration_batches, calibration_texts, sentence_batches
     from shrink.data.corpus import sentences_from, stdlib_corpus
     from shrink.eval.quality import accuracy_metric, embedding_metric, perplexity_metric
@@ -52,6 +59,9 @@ def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_l
     if name in ("digits-mlp", "digits-cnn"):
         from shrink.models.digits import digits_data
 
+        if eval_source is not None:
+            raise ValueError(f"--eval {eval_source}: {name} is scored on its own held-out digits split; "
+                             "--eval takes text, for language models and encoders")
         split = digits_data()
         # calibration: the first n_samples * 4 training images (never the test split), batches of 64
         x = split.x_train[: max(64, 4 * n_samples)]
@@ -61,20 +71,26 @@ def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_l
     try:
         tok = load_tokenizer(model_ref)
     except (FileNotFoundError, ValueError, OSError):
+        if eval_source is not None:
+            raise ValueError(f"--eval {eval_source}: {model_ref} has no tokenizer to read the text with") from None
         return model, None, None, base
     corpus = stdlib_corpus(max_train_chars=2_000_000, max_heldout_chars=400_000)
     source = calib if calib is not None else corpus.train_texts
+    held_out = corpus.heldout_texts if eval_source is None else calibration_texts(eval_source)
     if is_causal_lm(model):
         ids = calibration_batches(source, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
         batches = [{"input_ids": ids[i:i + 8]} for i in range(0, ids.shape[0], 8)]
-        metric = perplexity_metric(tok, corpus.heldout_texts, seq_len=seq_len,
+        metric = perplexity_metric(tok, held_out, seq_len=seq_len,
                                    max_tokens=PROXY_TOKENS if proxy else 16384)
     else:
         # An encoder is calibrated on sentences framed as it reads them: 8 per sample asked for.
         texts = calibration_texts(source)
         sentences = sentences_from(texts, n=8 * n_samples) if calib is None else _lines(texts, 8 * n_samples)
         batches = sentence_batches(tok, sentences, max_length=seq_len)
-        metric = embedding_metric(model, tok, sentences_from(corpus.heldout_texts, n=PROXY_SENTENCES if proxy else 64))
+        n_eval = PROXY_SENTENCES if proxy else 64
+        eval_sentences = (sentences_from(held_out, n=n_eval) if eval_source is None
+                          else _lines(held_out, 4 * n_eval))
+        metric = embedding_metric(model, tok, eval_sentences)
     return model, batches, metric, base
 
 
@@ -86,7 +102,8 @@ def _lines(texts: list[str], n: int) -> list[str]:
     return out[:n]
 
 
-def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = None, seed: int = 0,
+def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = None,
+            eval_source: str | None = None, seed: int = 0,
             device: str | None = None, force: bool = False, progress: Progress | None = None) -> dict:
     """device: a name from the plan's device table; the result's plan then says whether each
     format fits there and draws the roofline of that device."""
@@ -98,14 +115,15 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
         get_device(device)  # an unknown device fails now, not after the run
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    prepared = prepare(model_ref, calib=calib, seed=seed)
+    prepared = prepare(model_ref, calib=calib, seed=seed, eval_source=eval_source)
     return run_prepared(prepared, model_ref, steps, out_dir, seed=seed, device=device, progress=progress, t0=t0,
-                        force=force)
+                        force=force, extra={"calib": calib, "eval_source": eval_source})
 
 
 def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | None, *, seed: int = 0,
                  device: str | None = None, progress: Progress | None = None, t0: float | None = None,
-                 measure_speed: bool = True, baseline: dict | None = None, force: bool = False) -> dict:
+                 measure_speed: bool = True, baseline: dict | None = None, force: bool = False,
+                 extra: dict | None = None) -> dict:
     """run_job on a model already prepared (search reuses one preparation for many recipes);
     out_dir None: measure only, save nothing."""
     from shrink.models.compressed import save_compressed
@@ -118,7 +136,7 @@ def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | No
     res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress,
                                    measure_speed=measure_speed, baseline=baseline, force=force)
     doc = {"model": str(model_ref), **res.to_json(), "seconds": time.perf_counter() - t0, "seed": seed,
-           "device": device}
+           "device": device, **(extra or {})}
     doc["plan"], doc["roofline"] = plan_section(model, doc["baseline"]["params"], device,
                                                 {"baseline": doc["baseline"], "compressed": doc["compressed"]})
     if out_dir is not None:
@@ -146,7 +164,7 @@ def source_of(model_ref: str) -> str:
     return str(model_ref)
 
 
-def evaluate_job(model_ref: str, seed: int = 0) -> dict:
+def evaluate_job(model_ref: str, seed: int = 0, eval_source: str | None = None) -> dict:
     """Measure a model (a built-in name, a model directory, or a DIR from compress) as compress
     does: size, parameters, quality on the held-out data of its kind, batch-1 and batched latency,
     and the energy estimate. A compressed model is scored against the model it was made from."""
@@ -155,10 +173,11 @@ def evaluate_job(model_ref: str, seed: int = 0) -> dict:
 
     torch.manual_seed(seed)
     source = source_of(model_ref)
-    reference, batches, metric, _ = prepare(source, seed=seed)
+    reference, batches, metric, _ = prepare(source, seed=seed, eval_source=eval_source)
     model = reference if source == str(model_ref) else load(model_ref)
     probe = latency_probe(batches[0]) if batches else None
-    return {"model": str(model_ref), "source_model": source, **measure(model, metric, probe)}
+    return {"model": str(model_ref), "source_model": source, "eval_source": eval_source,
+            **measure(model, metric, probe)}
 
 
 def _jsonable(obj):
