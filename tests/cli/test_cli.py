@@ -32,7 +32,7 @@ def test_unknown_command_is_a_user_error():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    r = shrink("demo", "-o", str(out), "--json")
+    r = shrink("demo", "-o", str(out), "--json", "--quick")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout), out  # stdout is exactly one JSON document
 
@@ -71,3 +71,24 @@ def test_demo_figures_are_consistent(demo):
     for r in doc["results"]:
         for layer in r["layers"]:
             assert layer["bytes_stored"] > 0 and layer["rel_rmse"] < 0.5
+
+
+def test_demo_runs_the_journey(demo):
+    """compress runs and a search, each with result.json, model/ and report.html whose
+    figures agree with the saved model."""
+    import shrink
+    from shrink.recipe.records import model_nbytes
+
+    doc, out = demo
+    assert [(r["model"], r["recipe"]) for r in doc["runs"]] == [("minilm", "int8"), ("tiny-gpt", "w4-gptq")]
+    for r in doc["runs"]:
+        d = out / f"{r['model']}-{r['recipe']}"
+        result = json.loads((d / "result.json").read_text())
+        assert result["compressed"]["size_bytes"] == r["compressed"]["size_bytes"]
+        assert model_nbytes(shrink.load(d)) == result["compressed"]["size_bytes"]
+        assert (d / "report.html").stat().st_size > 10_000 and r["report"] == str(d / "report.html")
+        assert r["ratios"]["R"] > 1.5 and r["ratios"]["A"] > 0.99
+    s = doc["search"]
+    assert s["chosen"] is not None and s["chosen"]["quality"]["value"] >= 0.99 * s["baseline"]["quality"]["value"]
+    assert (out / f"search-{s['model']}" / "report.html").is_file()
+    assert s["front"] and s["chosen"]["size_bytes"] < s["baseline"]["size_bytes"]

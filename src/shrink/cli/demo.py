@@ -1,8 +1,14 @@
-"""`shrink demo`: the journey on built-in models, as far as shrink goes today.
+"""`shrink demo`: the whole journey on the built-in models, in a few minutes.
 
-Now: plan (MiniLM on a Raspberry Pi 5, Llama-2-7B on an RTX 4090), then
-quantize every weight matrix of the pretrained MiniLM in each number format
-and report stored bytes, compression and reconstruction quality.
+1. plan: MiniLM on a Raspberry Pi 5, Llama-2-7B on an RTX 4090 (arithmetic only);
+2. formats: every weight matrix of the pretrained MiniLM in each number format
+   (stored bytes, compression, SQNR);
+3. compress: MiniLM and tiny-gpt with a few recipes, each measured before and after
+   (size, quality, latency, energy) into DIR/NAME/ with its report.html;
+4. search: a small space on tiny-gpt to a quality floor, Pareto front and choice;
+5. a summary table and where everything is.
+
+--quick runs one recipe per model and a smaller search (the tests use it).
 """
 from __future__ import annotations
 
@@ -11,11 +17,16 @@ import math
 import sys
 from pathlib import Path
 
-from shrink.cli.progress import Progress
+from shrink.cli.progress import Progress, bar_callback
 from shrink.eval import roundtrip_errors, summarize
 from shrink.fsutil import write_json_atomic
 from shrink.models import minilm_dir, read_safetensors
 from shrink.quant import QuantSpec
+
+RUNS = [("minilm", "int8"), ("minilm", "w4-gptq"), ("tiny-gpt", "w4-gptq"), ("tiny-gpt", "mixed-4.5")]
+QUICK_RUNS = [("minilm", "int8"), ("tiny-gpt", "w4-gptq")]
+SEARCH = {"model": "tiny-gpt", "max_drop": 1.0, "space": "small", "full": 2}
+QUICK_SEARCH = {"model": "digits-mlp", "max_drop": 1.0, "space": "small", "full": 2}
 
 # (label, spec name, observer)
 FORMATS = [
@@ -32,7 +43,9 @@ FORMATS = [
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the main job on the built-in models")
-    p.add_argument("-o", "--output", metavar="DIR", help="write demo.json into DIR")
+    p.add_argument("-o", "--output", metavar="DIR", default="demo-out",
+                   help="where runs, reports and demo.json go (default: demo-out)")
+    p.add_argument("--quick", action="store_true", help="one recipe per model and a smaller search")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
 
@@ -62,16 +75,83 @@ def run(args) -> int:
                      "summary": summarize(layers), "layers": [l.to_dict() for l in layers]})
     rows += _kmeans_rows(weights)
     doc = {"plans": plans, "model": "minilm", "source": str(path), "matrices": len(weights), "results": rows}
-    if args.output:
-        write_json_atomic(Path(args.output) / "demo.json", _jsonable(doc))
+    if not args.json:
+        _print_table(doc)
+    out = Path(args.output)
+    doc["runs"] = _compress_runs(out, QUICK_RUNS if args.quick else RUNS)
+    doc["search"] = _search(out, QUICK_SEARCH if args.quick else SEARCH)
+    write_json_atomic(out / "demo.json", _jsonable(doc))
     if args.json:
         json.dump(_jsonable(doc), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        _print_table(doc)
-        if args.output:
-            print(f"\nwrote {Path(args.output) / 'demo.json'}")
+        _print_journey(doc)
+        print(f"\nwrote {out / 'demo.json'}; open the reports above in a browser")
     return 0
+
+
+def _compress_runs(out: Path, runs) -> list[dict]:
+    from shrink.recipe.job import run_job
+    from shrink.report import write_report
+
+    rows = []
+    for model, recipe in runs:
+        d = out / f"{model}-{recipe}"
+        print(f"compress {model} --recipe {recipe} -o {d}", file=sys.stderr)
+        r = run_job(model, recipe, d, device="raspberry-pi-5" if model == "minilm" else "jetson-orin",
+                    progress=bar_callback())
+        rows.append({"model": model, "recipe": recipe, "dir": str(d), "report": str(write_report(d)),
+                     "baseline": _brief(r["baseline"]), "compressed": _brief(r["compressed"]),
+                     "ratios": r["ratios"]})
+    return rows
+
+
+def _search(out: Path, cfg: dict) -> dict:
+    from shrink.recipe.search_job import search_job
+    from shrink.recipe.trials import quiet_model_loading
+    from shrink.report import write_report
+
+    d = out / f"search-{cfg['model']}"
+    print(f"search {cfg['model']} --max-drop {cfg['max_drop']} --space {cfg['space']} -o {d}", file=sys.stderr)
+    quiet_model_loading()
+    r = search_job(cfg["model"], d, max_drop=cfg["max_drop"], space=cfg["space"], full=cfg["full"],
+                   progress=bar_callback())
+    c = r["chosen"]
+    return {**cfg, "dir": str(d), "report": str(write_report(d)), "candidates": len(r["candidates"]),
+            "front": [x["name"] for x in r["candidates"] if x["on_front"]],
+            "chosen": None if c is None else {"name": c["name"], "size_bytes": c["size_bytes"], "quality": c["quality"]},
+            "baseline": _brief(r["baseline"]), "note": r.get("note")}
+
+
+def _brief(m: dict) -> dict:
+    return {"size_bytes": m["size_bytes"], "params": m["params"], "quality": m.get("quality"),
+            "latency_ms": m.get("latency_ms")}
+
+
+def _print_journey(doc: dict) -> None:
+    print("\nCompressed (measured before -> after; 2 warm-ups, median of 7 for latency)\n")
+    head = f"{'model':<10}{'recipe':<12}{'MB':>16}{'R':>7}{'quality':>28}{'A':>8}{'L':>7}{'E':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in doc["runs"]:
+        b, c, x = r["baseline"], r["compressed"], r["ratios"]
+        q = f"{b['quality']['value']:.4f} -> {c['quality']['value']:.4f}"
+        fmt = lambda v, pct=False: "n/a" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}x")  # noqa: E731
+        print(f"{r['model']:<10}{r['recipe']:<12}{b['size_bytes'] / 1e6:>7.2f} -> {c['size_bytes'] / 1e6:<6.2f}"
+              f"{fmt(x['R']):>7}{b['quality']['name'][:10]:>12} {q:>15}{fmt(x['A'], True):>8}{fmt(x['L']):>7}"
+              f"{fmt(x['E']):>7}")
+    s = doc["search"]
+    print(f"\nSearch on {s['model']} (--max-drop {s['max_drop']}%, {s['candidates']} candidates, "
+          f"front: {', '.join(s['front']) or 'none'})")
+    if s["chosen"]:
+        c = s["chosen"]
+        print(f"chosen: {c['name']}: {s['baseline']['size_bytes'] / 1e6:.2f} MB -> {c['size_bytes'] / 1e6:.2f} MB, "
+              f"{c['quality']['name']} {s['baseline']['quality']['value']:.4f} -> {c['quality']['value']:.4f}")
+    else:
+        print(s["note"])
+    print("\nReports:")
+    for r in doc["runs"] + [s]:
+        print(f"  {r['report']}")
 
 
 def _kmeans_rows(weights) -> list[dict]:
