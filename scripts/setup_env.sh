@@ -16,6 +16,17 @@ WHEELHOUSE=${SHRINK_WHEELHOUSE:-$HOME/.cache/shrink/wheels}
 SOURCE_BUILT=${SOURCE_BUILT:-}
 EXTRAS=${EXTRAS:-dev}
 
+# The report's browser test loads report.html in Debian's headless Chromium. Installed
+# here (before the early exit, so an existing venv gets it too) when missing and we
+# may: root with apt-get. Without it that test skips; nothing else needs it.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium (apt-get) for the report's browser test" >&2
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } >/dev/null 2>&1; then
+        echo "setup: WARNING: could not install chromium; the report's browser test will skip" >&2
+    fi
+fi
+
 stamp="$VENV/.shrink-installed"
 want="$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)-$EXTRAS"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import shrink, torch" 2>/dev/null; then
