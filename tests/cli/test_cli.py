@@ -77,6 +77,7 @@ def test_demo_runs_the_journey(demo):
     """compress runs and a search, each with result.json, model/ and report.html whose
     figures agree with the saved model."""
     import shrink
+    from shrink.recipe.job import evaluate_job
     from shrink.recipe.records import model_nbytes
 
     doc, out = demo
@@ -86,6 +87,11 @@ def test_demo_runs_the_journey(demo):
         result = json.loads((d / "result.json").read_text())
         assert result["compressed"]["size_bytes"] == r["compressed"]["size_bytes"]
         assert model_nbytes(shrink.load(d)) == result["compressed"]["size_bytes"]
+        # quality recomputed from the saved files, on the same held-out data
+        again = evaluate_job(str(d))
+        assert again["quality"]["value"] == pytest.approx(result["compressed"]["quality"]["value"], rel=1e-6)
+        stored = sum(f.stat().st_size for f in (d / "model").glob("*.safetensors"))
+        assert stored >= result["compressed"]["size_bytes"]  # the files hold at least the counted bytes
         assert (d / "report.html").stat().st_size > 10_000 and r["report"] == str(d / "report.html")
         assert r["ratios"]["R"] > 1.5 and r["ratios"]["A"] > 0.99
     s = doc["search"]

@@ -26,10 +26,12 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from shrink.cli.progress import bar_callback
     from shrink.recipe.job import run_job
+    from shrink.report import write_report
 
     progress = bar_callback()
     doc = run_job(args.model, args.recipe, args.output, calib=args.calib, eval_source=args.eval_source, seed=args.seed, device=args.device,
                   force=args.force, progress=progress)
+    report = write_report(args.output)
     if args.json:
         json.dump(doc, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -57,5 +59,5 @@ def run(args) -> int:
               + (f"; {len(step['skipped'])} modules skipped (see result.json)" if step["skipped"] else ""))
     for w in doc.get("warnings") or []:
         print(w)
-    print(f"wrote {args.output}/result.json and {args.output}/model/")
+    print(f"wrote {args.output}/result.json, {args.output}/model/ and {report}")
     return 0

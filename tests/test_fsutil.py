@@ -1,0 +1,30 @@
+"""Atomic writes: the whole file or the old one, no temporary left, the usual file mode."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from shrink.fsutil import write_bytes_atomic, write_json_atomic
+
+
+def test_atomic_write_replaces_whole_files_with_the_umask_mode(tmp_path):
+    p = tmp_path / "sub" / "x.json"
+    write_json_atomic(p, {"a": 1})
+    write_json_atomic(p, {"a": 2})
+    assert p.read_text() == '{\n  "a": 2\n}\n'
+    mask = os.umask(0o022)
+    try:
+        write_bytes_atomic(p, b"z")
+        assert (p.stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(mask)
+    assert [q.name for q in p.parent.iterdir()] == ["x.json"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    p = tmp_path / "x.json"
+    write_json_atomic(p, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(p, {"a": object()})
+    assert p.read_text() == '{\n  "a": 1\n}\n' and len(list(tmp_path.iterdir())) == 1
