@@ -200,8 +200,9 @@ def render_html(result: dict) -> str:
     """The whole report page for one result.json document."""
     if not isinstance(result, dict):
         raise ValueError(f"a result must be a dict (the contents of result.json), not {type(result).__name__}")
-    body = [header(result), summary(result), steps_section(result.get("steps")),
-            figures_section(result.get("figures")), search_section(result), plan_section(result.get("plan")),
+    # a search's verdict and front come first: they are what the search was run for
+    body = [header(result), search_section(result), summary(result), steps_section(result.get("steps")),
+            figures_section(result.get("figures")), plan_section(result.get("plan")),
             roofline_section(result.get("roofline"))]
     title = f"shrink report: {result.get('model', 'unnamed model')}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -193,19 +193,23 @@ def pareto(candidates: list[dict], chosen: dict | None, constraints: dict | None
     if len(front) > 1:
         c.marks.append(polyline([(x(p["size_bytes"]), y(p["quality"]["value"])) for p in front], PALETTE[0],
                                 mark="front", tip="Pareto front"))
+    proxy_only = [p for p in pts if p.get("stage") == "proxy"]
     for p in pts:
-        feas = p.get("feasible") is not False
+        proxy = p.get("stage") == "proxy"  # scored on the proxy's smaller data: not the same scale
+        feas = p.get("feasible") is not False or proxy
         extra = "" if feas else f' fill-opacity="0.15" stroke="{PALETTE[0]}" stroke-width="1.2"'
         px, py = x(p["size_bytes"]), y(p["quality"]["value"])
         name = str(p.get("name", "?"))
-        c.marks.append(circle(px, py, 5 if p.get(fk) else 4, PALETTE[0] if p.get(fk) else "#8a94a8",
+        colour = "#c9ced8" if proxy else (PALETTE[0] if p.get(fk) else "#8a94a8")
+        c.marks.append(circle(px, py, 3 if proxy else (5 if p.get(fk) else 4), colour,
                               extra=extra, name=name, size_bytes=p["size_bytes"], quality=p["quality"]["value"],
                               on_front=str(bool(p.get(fk))).lower(), feasible=str(feas).lower(),
                               stage=p.get("stage") or "", tip=f"{name}: {fmt_bytes(p['size_bytes'])}, "
                               f"{qname} {p['quality']['value']:.4g}" + ("" if feas else " (infeasible)")))
         if len(pts) <= 14:
             right = px > c.x1 - 90
-            c.overlay.append(text(px - 7 if right else px + 7, py - 6, short(name, 20), 9, "end" if right else "start",
+            label = short(name, 20) + (" (proxy)" if proxy else "")
+            c.overlay.append(text(px - 7 if right else px + 7, py - 6, label, 9, "end" if right else "start",
                                   "#333"))
     if chosen and finite(chosen.get("size_bytes")) and finite((chosen.get("quality") or {}).get("value")):
         c.marks.append(circle(x(chosen["size_bytes"]), y(chosen["quality"]["value"]), 9, "none", mark="chosen",
@@ -214,6 +218,8 @@ def pareto(candidates: list[dict], chosen: dict | None, constraints: dict | None
         c.add_legend("chosen", PALETTE[3], "dot")
     c.add_legend("on the front", PALETTE[0], "dot")
     c.add_legend("dominated", "#8a94a8", "dot")
+    if proxy_only:
+        c.add_legend("proxy only", "#c9ced8", "dot")
     if max_size:
         c.marks.append(line(x(max_size), c.y0, x(max_size), c.y1, PALETTE[3], mark="constraint", dash=True,
                             value=max_size, tip=f"max size {fmt_bytes(max_size)}"))
@@ -228,4 +234,6 @@ def pareto(candidates: list[dict], chosen: dict | None, constraints: dict | None
     return Plot("pareto", c.svg(), f"Every candidate's stored size against its {qname}; the line joins the "
                 "candidates no other beats on both" + (" (the table's front also weighs latency)"
                                                         if fk != "on_front" else "") + ". Hollow points break a constraint." +
-                (f" {missing} candidates without a size or quality are not drawn." if missing else ""))
+                (f" {missing} candidates without a size or quality are not drawn." if missing else "") +
+                (" Light points were only screened on the proxy (a quarter of the data): their quality is on "
+                 "that smaller sample, not the same scale as the fully evaluated ones." if proxy_only else ""))
