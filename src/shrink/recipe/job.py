@@ -18,6 +18,7 @@ from shrink.fsutil import write_json_atomic
 
 from .figures import plan_section
 from .measure import measure
+from .memory import available_memory, check_job_fits, job_memory
 from .rules import check_order
 from .run import CompressResult, compress
 from .steps import NEEDS_CALIBRATION, parse_recipe
@@ -133,10 +134,12 @@ def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | No
     torch.manual_seed(seed)
     if batches is None and any(isinstance(s, NEEDS_CALIBRATION) for s in steps):
         raise ValueError(f"{model_ref}: this model has no text calibration data; use rtn or kmeans steps")
+    memory = job_memory(model, steps, batches)
+    check_job_fits(memory, available_memory())  # before any step runs
     res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress,
                                    measure_speed=measure_speed, baseline=baseline, force=force)
     doc = {"model": str(model_ref), **res.to_json(), "seconds": time.perf_counter() - t0, "seed": seed,
-           "device": device, **(extra or {})}
+           "device": device, "job_memory": memory, **(extra or {})}
     doc["plan"], doc["roofline"] = plan_section(model, doc["baseline"]["params"], device,
                                                 {"baseline": doc["baseline"], "compressed": doc["compressed"]})
     if out_dir is not None:

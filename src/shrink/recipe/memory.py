@@ -1,0 +1,81 @@
+"""Will the compression job itself fit in this machine's memory? Checked before any
+step runs, from the model and the recipe alone, with the arithmetic shown.
+
+Peak = the original model + its working copy (compress never modifies its input)
+     + calibration activations kept between blocks (the block inputs and outputs
+       of every calibration batch, fp32)
+     + Hessians held at once (fp32 in x in per target: one block's worth for
+       gptq/awq/smoothquant, every target's for mixed_precision)."""
+from __future__ import annotations
+
+from torch import nn
+
+from .records import model_nbytes
+from .steps import MixedPrecision, NEEDS_CALIBRATION
+
+
+def job_memory(model: nn.Module, steps: list, batches: list | None) -> dict:
+    """{"bytes": estimate, "derivation": text}."""
+    weights = model_nbytes(model)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    widths = [m.in_features for m in linears]
+    calib = batches and any(isinstance(s, NEEDS_CALIBRATION) for s in steps)
+    act = hess = 0
+    parts = [f"model {weights:,} B + working copy {weights:,} B"]
+    if calib:
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None) or max(widths, default=0)
+        tokens = sum(_tokens(b) for b in batches)
+        act = 2 * tokens * hidden * 4
+        parts.append(f"activations 2 x {tokens:,} tokens x {hidden} hidden x 4 B = {act:,} B")
+        if any(isinstance(s, MixedPrecision) for s in steps):
+            hess = sum(4 * w * w for w in widths)
+            parts.append(f"Hessians of all {len(widths)} linear layers (mixed precision keeps them) = {hess:,} B")
+        else:
+            per_block = _largest_block_hessians(model)
+            hess = per_block or (4 * max(widths, default=0) ** 2)
+            parts.append(f"one block's Hessians {hess:,} B")
+    total = 2 * weights + act + hess
+    return {"bytes": total, "derivation": " + ".join(parts) + f" = {total:,} B ({total / 2**30:.2f} GiB)"}
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (no check)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def check_job_fits(estimate: dict, available: int | None) -> None:
+    if available is not None and estimate["bytes"] > available:
+        raise ValueError(f"this compression job needs about {estimate['bytes'] / 2**30:.2f} GiB "
+                         f"({estimate['derivation']}) but {available / 2**30:.2f} GiB of memory is available: "
+                         "use fewer calibration samples (--calib with less text), run on a larger machine, or on a GPU")
+
+
+def _tokens(batch) -> int:
+    if isinstance(batch, dict):
+        x = batch.get("input_ids", next(iter(batch.values())))
+    elif isinstance(batch, (tuple, list)):
+        x = batch[0]
+    else:
+        x = batch
+    shape = getattr(x, "shape", ())
+    if len(shape) >= 2 and not x.is_floating_point():  # token ids [batch, seq]
+        return int(shape[0] * shape[1])
+    return int(shape[0]) if len(shape) else 1  # e.g. images [batch, features]: one row each
+
+
+def _largest_block_hessians(model: nn.Module) -> int:
+    from shrink.surgery.capture import find_blocks
+
+    try:
+        _, blocks = find_blocks(model)
+    except (AttributeError, ValueError, TypeError):
+        return 0
+    return max((sum(4 * m.in_features ** 2 for m in b.modules() if isinstance(m, nn.Linear)) for b in blocks),
+               default=0)
