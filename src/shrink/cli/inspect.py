@@ -26,19 +26,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from shrink.cli.progress import Progress
+    from shrink.cli.progress import bar_callback
     from shrink.recipe.inspect import inspect_model
     from shrink.recipe.job import _jsonable
 
-    bars: dict[str, Progress] = {}
-
-    def progress(label: str, done: int, total: int) -> None:
-        bar = bars.get(label)
-        if bar is None:
-            bar = bars[label] = Progress(label, total)
-        bar(done)
-
-    doc = _jsonable(inspect_model(args.model, data=not args.no_data, seed=args.seed, progress=progress))
+    doc = _jsonable(inspect_model(args.model, data=not args.no_data, seed=args.seed, progress=bar_callback()))
     if args.json:
         json.dump(doc, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")

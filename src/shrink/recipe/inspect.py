@@ -24,7 +24,7 @@ from torch import nn
 
 from shrink.eval.inspect import SQNR_FORMATS, layer_rows, rank_rows, rtn_weight
 from shrink.surgery import SequentialRunner, Target, find_blocks, select_modules
-from shrink.surgery.capture import call_model, default_forward_kwargs
+from shrink.surgery.capture import call_model, default_forward_kwargs, input_hooks
 
 from .hessians import HessianCollector, hessian_error
 from .records import model_nbytes, model_params
@@ -84,13 +84,7 @@ def relative_error(w: torch.Tensor, hessians: list[torch.Tensor], fmt: str = ERR
 
 def _hooked_pass(model: nn.Module, batches: Sequence, targets: list[Target], on_input) -> None:
     """Run the whole model on each batch, feeding the targets' inputs to on_input."""
-    def hook(name):
-        def pre(_m, args, kwargs):
-            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-            on_input(name, x)
-        return pre
-
-    handles = [t.module.register_forward_pre_hook(hook(t.name), with_kwargs=True) for t in targets]
+    handles = input_hooks(targets, on_input)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     extra = default_forward_kwargs(model)

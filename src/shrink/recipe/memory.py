@@ -71,7 +71,7 @@ def _tokens(batch) -> int:
 
 
 def _largest_block_hessians(model: nn.Module) -> int:
-    from shrink.surgery.capture import find_blocks
+    from shrink.surgery import find_blocks
 
     try:
         _, blocks = find_blocks(model)

@@ -6,6 +6,7 @@ leave DIR as compress does for the chosen recipe, plus the search's evidence.
 DIR/trials/NAME/result.json keeps each fully evaluated trial's record."""
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -145,11 +146,9 @@ def _result(model_ref, out: Path, chosen, near, cands, cons, base_q, baseline, b
     if chosen is None:
         doc = {**head, "closest": near, "baseline": _with_timing(baseline, base_lat), "recipe": None, "steps": [],
                "note": _none_note(near, cons)}
-        _drop_trial_models(trials, keep=None)
+        _drop_trial_models(trials)
         return doc
     trial = trials / chosen["name"]
-    import json
-
     run = json.loads((trial / "result.json").read_text(encoding="utf-8"))
     run["baseline"] = _with_timing(run["baseline"], base_lat)
     run["compressed"] = _with_timing(run["compressed"], chosen.get("_timing"))
@@ -158,7 +157,7 @@ def _result(model_ref, out: Path, chosen, near, cands, cons, base_q, baseline, b
     if target.exists():
         shutil.rmtree(target)
     (trial / "model").replace(target)
-    _drop_trial_models(trials, keep=None)
+    _drop_trial_models(trials)
     return {**run, **head}
 
 
@@ -168,11 +167,11 @@ def _with_timing(m: dict, t: dict | None) -> dict:
     return {**m, "latency": t["latency"], "latency_ms": t["latency"]["latency_ms"], "energy": t["energy"]}
 
 
-def _drop_trial_models(trials: Path, keep) -> None:
+def _drop_trial_models(trials: Path) -> None:
     """Trial models are large; their result.json stays as the evidence."""
     if trials.is_dir():
         for d in trials.iterdir():
-            if (d / "model").is_dir() and d.name != keep:
+            if (d / "model").is_dir():
                 shutil.rmtree(d / "model")
 
 

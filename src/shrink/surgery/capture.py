@@ -289,6 +289,18 @@ class _SampleForward:
         return _hidden_of(block, self.call(block, self.hidden))
 
 
+def input_hooks(targets, on_input) -> list:
+    """Forward pre-hooks that pass each target's input to on_input(name, x); remove the
+    returned handles when done."""
+    def hook(name):
+        def pre(_m, args, kwargs):
+            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            on_input(name, x)
+        return pre
+
+    return [t.module.register_forward_pre_hook(hook(t.name), with_kwargs=True) for t in targets]
+
+
 class SequentialRunner:
     """Run calibration block by block; see the module docstring.
 
@@ -375,13 +387,7 @@ class SequentialRunner:
     @staticmethod
     def _observe(block, key, targets, hidden, calls, on_input, keep: bool) -> None:
         """Run the block with on_input hooks on its targets; with keep, outputs replace `hidden` in place."""
-        def hook(name):
-            def pre(_m, args, kwargs):
-                x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-                on_input(name, x)
-            return pre
-
-        handles = [t.module.register_forward_pre_hook(hook(t.name), with_kwargs=True) for t in targets]
+        handles = input_hooks(targets, on_input)
         try:
             with torch.no_grad():
                 for b, h in enumerate(hidden):
