@@ -13,7 +13,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, _file_mode())  # mkstemp makes 0600; an output file gets the usual umask mode
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; an output file gets the usual umask mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -28,7 +28,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def _file_mode() -> int:
+def file_mode() -> int:
+    """The mode a new file gets under the current umask (0666 & ~umask)."""
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask

@@ -1,0 +1,148 @@
+"""A compressed model seen as its deployment formats see it.
+
+Every exporter needs two things from a shrink model: the float weight each layer
+effectively applies (what a format without shrink's modules must reproduce), and,
+for layers whose stored grid a format can hold as is, the integer codes with their
+scales, so the exporter can carry them over without rounding a second time.
+
+- `plain_copy(model)`: a deep copy in which every compressed module is an ordinary
+  `nn.Linear` / `nn.Conv2d` holding its effective float32 weight, so
+  `plain_copy(m).state_dict()` has the original architecture's names
+  (Hugging Face names for transformers models) and transformers, ONNX or a GGUF
+  writer can take it.
+- `carried_layers(model)`: for each integer-quantized Linear, its codes, scales,
+  zero-points and group size (a `Grid`); layers whose effective weight is not the
+  plain dequantization (an input scale kept in the layer, activations quantized)
+  are listed with the reason they cannot be carried.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shrink.modules import InputScaled, QuantConv2d, QuantLinear, W8A8Linear
+from shrink.surgery import replace_module
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A Linear's stored integer grid: w = (codes - zero_point) * scale, per group of
+    `group_size` consecutive inputs of a row (per-channel: group_size = in_features)."""
+
+    codes: torch.Tensor               # int32 [out, in]: signed for symmetric, 0..2^b-1 otherwise
+    scale: torch.Tensor               # [out, in // group_size], as stored (fp16 by default)
+    zero_point: torch.Tensor | None   # same shape, integer-valued; None when symmetric
+    bits: int
+    group_size: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+    def dequantize(self) -> torch.Tensor:
+        scale = self.scale.to(torch.float32).repeat_interleave(self.group_size, dim=1)
+        codes = self.codes.to(torch.float32)
+        if self.zero_point is not None:
+            codes = codes - self.zero_point.to(torch.float32).repeat_interleave(self.group_size, dim=1)
+        return codes * scale
+
+
+def _grid(ql: QuantLinear) -> tuple[Grid | None, str]:
+    spec = ql.spec
+    if spec.format != "int":
+        return None, f"{spec.format} codes are not a uniform integer grid"
+    if spec.granularity == "tensor":
+        return None, "one scale for the whole tensor"
+    if spec.axis != 0:
+        return None, "scales run along the input axis"
+    qt = ql.to_qtensor()
+    n_in = ql.in_features
+    group = n_in if spec.granularity == "channel" else int(spec.group_size)
+    if n_in % group:
+        return None, f"group size {group} does not divide the {n_in} inputs"
+    scale = qt.scale.reshape(ql.out_features, -1)
+    zp = None if qt.zero_point is None else qt.zero_point.reshape(ql.out_features, -1)
+    return Grid(qt.int_codes().to(torch.int32), scale, zp, int(qt.grid.bits), group), ""
+
+
+def carried_layers(model: nn.Module) -> tuple[dict[str, Grid], dict[str, str]]:
+    """({module name: Grid} for layers a format could carry, {module name: why not} for the
+    other compressed layers)."""
+    grids: dict[str, Grid] = {}
+    why_not: dict[str, str] = {}
+    scaled_inner = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, InputScaled):
+            scaled_inner.add(f"{name}.inner")
+            why_not[name] = "an input scale is kept in the layer (AWQ/SmoothQuant could not fold it)"
+        elif isinstance(mod, W8A8Linear):
+            why_not[name] = "activations are quantized too (W8A8)"
+        elif isinstance(mod, QuantConv2d):
+            why_not[name] = "a convolution"
+        elif isinstance(mod, QuantLinear) and name not in scaled_inner:
+            grid, why = _grid(mod)
+            if grid is None:
+                why_not[name] = why
+            else:
+                grids[name] = grid
+    return grids, why_not
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(weight.to(torch.float32))
+        if bias is not None:
+            out.bias.copy_(bias.detach().to(torch.float32))
+    return out
+
+
+def _effective(mod: nn.Module) -> nn.Module | None:
+    """The plain module computing what `mod` computes (None: `mod` is not a compressed module)."""
+    if isinstance(mod, InputScaled):
+        inner = _effective(mod.inner) or mod.inner
+        if not isinstance(inner, nn.Linear):
+            raise ValueError(f"InputScaled around {type(mod.inner).__name__} cannot be exported as a plain layer")
+        w = inner.weight.detach() * mod.input_scale.to(torch.float32)[None, :]
+        return _linear(w, inner.bias)
+    if isinstance(mod, QuantLinear):
+        return _linear(mod.dequantized_weight().to(torch.float32), mod.bias)
+    if isinstance(mod, W8A8Linear):
+        w = mod.dequantized_weight()
+        if mod.input_scale is not None:
+            w = w * mod.input_scale.to(torch.float32)[None, :]
+        return _linear(w, mod.bias)
+    if isinstance(mod, QuantConv2d):
+        conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
+                         padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
+                         bias=mod.bias is not None, padding_mode=mod.padding_mode)
+        with torch.no_grad():
+            conv.weight.copy_(mod.dequantized_weight().to(torch.float32))
+            if mod.bias is not None:
+                conv.bias.copy_(mod.bias.detach().to(torch.float32))
+        return conv
+    return None
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A float32 deep copy of `model` with every compressed module replaced by the plain
+    layer computing its effective weight; the input model is not modified."""
+    out = copy.deepcopy(model)
+    names = [name for name, mod in out.named_modules()
+             if isinstance(mod, (InputScaled, QuantLinear, W8A8Linear, QuantConv2d))]
+    done: list[str] = []
+    for name in names:
+        if any(name.startswith(f"{d}.") for d in done):
+            continue  # the inner layer of an InputScaled already replaced
+        replace_module(out, name, _effective(dict(out.named_modules())[name]))
+        done.append(name)
+    out = out.to(torch.float32)
+    out.eval()
+    return out
+
+
+def is_compressed(model: nn.Module) -> bool:
+    return any(isinstance(m, (InputScaled, QuantLinear, W8A8Linear, QuantConv2d)) for m in model.modules())
