@@ -9,10 +9,10 @@ import argparse
 import sys
 
 from shrink import __version__
-from shrink.cli import compress, demo, evaluate, inspect, plan, report, search
+from shrink.cli import compress, demo, evaluate, export, inspect, plan, report, search
 
 COMMANDS = {"plan": plan, "inspect": inspect, "compress": compress, "search": search, "eval": evaluate,
-            "report": report, "demo": demo}
+            "export": export, "report": report, "demo": demo}
 
 
 class UserError(Exception):
