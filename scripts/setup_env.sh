@@ -13,7 +13,7 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
 WHEELHOUSE=${SHRINK_WHEELHOUSE:-$HOME/.cache/shrink/wheels}
 # Packages built from source into $WHEELHOUSE once (pip spec per line).
-SOURCE_BUILT=${SOURCE_BUILT:-}
+SOURCE_BUILT=${SOURCE_BUILT:-llama-cpp-python==0.3.36}
 EXTRAS=${EXTRAS:-dev}
 
 # The report's browser test loads report.html in Debian's headless Chromium. Installed
@@ -54,7 +54,8 @@ for spec in $SOURCE_BUILT; do
     norm=$(echo "$name" | tr '-' '_')
     if ! ls "$WHEELHOUSE"/"$norm"-*.whl >/dev/null 2>&1; then
         echo "setup: building $spec into $WHEELHOUSE (once)" >&2
-        "${PIP[@]}" wheel --no-deps -c "$constraints" -w "$WHEELHOUSE" "$spec"
+        CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
+            "${PIP[@]}" wheel --no-deps -c "$constraints" -w "$WHEELHOUSE" "$spec"
     fi
 done
 

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-# kind -> (max relative RMS error of the logits, min top-1 agreement)
-TOLERANCES = {"F32": (1e-3, 0.99), "F16": (2e-2, 0.97), "quantized": (8e-2, 0.90)}
+# kind -> (max relative RMS error of the logits, min top-1 agreement) against the stored weights.
+# Measured on tiny-gpt over 256 held-out tokens (docs/BENCHMARKS.md): F32 6e-5, F16 1.4e-4,
+# BF16 1e-3, Q8_0..Q4_K_M 3.5e-3..4e-3 with top-1 >= 0.988; the bounds leave 5-10x room.
+TOLERANCES = {"F32": (1e-3, 0.99), "F16": (1e-2, 0.98), "quantized": (3e-2, 0.90)}
 
 
 class VerificationError(ValueError):
