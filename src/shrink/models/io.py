@@ -6,7 +6,9 @@
 - a Hugging Face model directory (config.json + weights);
 - a weights file (``.safetensors``; ``.bin``/``.pt``/``.pth`` read with
   ``torch.load(weights_only=True)``) with a config.json beside it: a
-  transformers config, or a shrink digits config.
+  transformers config, or a shrink digits config;
+- a ``.gguf`` file of the llama or gpt2 architecture (`shrink.models.gguf_read`),
+  dequantized to float32, with its tokenizer rebuilt from the file's metadata.
 
 Nothing is downloaded: transformers is always called with local_files_only.
 
@@ -301,6 +303,10 @@ def load(name_or_path: str | os.PathLike, progress: Callable[[int], None] | None
         return _load_hf_dir(path)
     if path.is_file():
         suffix = path.suffix.lower()
+        if suffix == ".gguf":
+            from shrink.models.gguf_read import load_gguf
+
+            return load_gguf(path)
         if suffix not in WEIGHT_SUFFIXES:
             raise ValueError(_unknown(path, f"unsupported file type {suffix or '(none)'}; expected a model "
                                       f"directory or a weights file ({', '.join(WEIGHT_SUFFIXES)}) with a config.json beside it"))
@@ -312,7 +318,7 @@ def load(name_or_path: str | os.PathLike, progress: Callable[[int], None] | None
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, progress: Callable[[int], None] | None = None):
-    """The tokenizer of a text model: a built-in name, a model directory, or a weights file's directory."""
+    """The tokenizer of a text model: a built-in name, a model directory, a weights file's directory, or a .gguf file."""
     from transformers import AutoTokenizer
 
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_NAMES:
@@ -328,6 +334,10 @@ def load_tokenizer(name_or_path: str | os.PathLike, progress: Callable[[int], No
             raise ValueError(f"{name_or_path!r} is an image classifier with no tokenizer; text models: {', '.join(TEXT_MODELS)}")
     else:
         path = Path(name_or_path).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            from shrink.models.gguf_read import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(path)
         if path.is_file():
             path = path.parent
         if not path.is_dir():
