@@ -109,3 +109,31 @@ def test_cli_export_record(tmp_path, capsys):
     assert "GPT-2" in capsys.readouterr().err
     assert not (tmp_path / "b.gguf").exists()
     assert main(["export", "tiny-gpt", "--format", "gguf:Q9_9", "-o", str(tmp_path / "c.gguf")]) == 2
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory, tok):
+    """A Llama from a config whose rows divide into 256-blocks, so the k-quants are used as
+    such (tiny-gpt's 128-wide rows fall back); grouped-query attention (4 heads, 2 KV heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.08, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    d = tmp_path_factory.mktemp("wide") / "llama"
+    LlamaForCausalLM(cfg).eval().save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("type_name,expect", [("Q4_K_M", {"Q4_K", "Q6_K"}), ("Q5_K_M", {"Q5_K", "Q6_K"}),
+                                               ("Q6_K", {"Q6_K"})])
+def test_k_quants_run_in_llama_cpp(wide_llama, tmp_path, type_name, expect):
+    rec = export(str(wide_llama), f"gguf:{type_name}", tmp_path / "k.gguf", n_tokens=128)
+    assert expect <= set(rec["tensor_types"])
+    v = rec["verification"]
+    assert v["passed"], v
+    assert v["vs_stored_weights"]["rel_rmse"] < 0.06     # random weights: llama.cpp's 8-bit activations show
+    assert v["vs_stored_weights"]["top1_agreement"] >= 0.88

@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 # kind -> (max relative RMS error of the logits, min top-1 agreement) against the stored weights.
-# Measured on tiny-gpt over 256 held-out tokens (docs/BENCHMARKS.md): F32 6e-5, F16 1.4e-4,
-# BF16 1e-3, Q8_0..Q4_K_M 3.5e-3..4e-3 with top-1 >= 0.988; the bounds leave 5-10x room.
-TOLERANCES = {"F32": (1e-3, 0.99), "F16": (1e-2, 0.98), "quantized": (3e-2, 0.90)}
+# Measured over held-out tokens (docs/BENCHMARKS.md): tiny-gpt (trained) F32 6e-5, F16 1.4e-4,
+# BF16 1e-3, Q8_0..Q4_K_M 3.5e-3..4e-3 with top-1 >= 0.988; a random-weight Llama (hidden 256)
+# F32 7e-4, Q8_0 0.019, k-quants 0.036 (llama.cpp quantizes activations per 256 for those),
+# top-1 >= 0.91. A wrong tensor layout gives errors of order 1.
+TOLERANCES = {"F32": (2e-3, 0.99), "F16": (1e-2, 0.98), "quantized": (6e-2, 0.88)}
 
 
 class VerificationError(ValueError):
