@@ -159,3 +159,23 @@ def test_unsupported_architecture_is_refused_before_writing(tmp_path):
 def test_unknown_type_is_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match="Q4_K_M"):
         write_gguf(tiny[0], tiny[1], tmp_path / "x.gguf", "Q3_X")
+
+
+def test_shrink_reads_back_what_it_writes(tiny, tmp_path):
+    """Writer and reader are inverse: the model read from the file holds exactly the stored
+    weights (the Q/K row order undone), and its tokenizer gives the same ids."""
+    import shrink
+    from shrink.export.verify import heldout_ids, reference_from_state, torch_logits
+    from shrink.models.io import load_tokenizer
+
+    model, tok = tiny
+    for type_name in ("F32", "Q4_0"):
+        path = tmp_path / f"m-{type_name}.gguf"
+        written = write_gguf(model, tok, path, type_name)
+        back = shrink.load(path)
+        ids = heldout_ids(tok, 64)
+        want = torch_logits(reference_from_state(model, written.state), ids)
+        got = torch_logits(back, ids)
+        assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+    text = "def main(argv):\n    return sorted(set(argv))  # ünïcode\n"
+    assert load_tokenizer(path)(text)["input_ids"] == tok(text)["input_ids"]
