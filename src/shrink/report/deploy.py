@@ -137,3 +137,32 @@ def search_section(result: dict) -> str:
         out.append(f'<p class="muted">Search: {esc("; ".join(str(f) for f in facts))}.</p>')
     out.append("</section>")
     return "\n".join(out)
+
+
+def exports_section(exports) -> str:
+    """`shrink export` runs recorded in result.json: format, bytes, runtime, agreement, speed."""
+    if not isinstance(exports, list) or not exports:
+        return ""
+    rows = []
+    for e in exports:
+        if not isinstance(e, dict):
+            continue
+        agree = e.get("agreement") or {}
+        vs_model = agree.get("vs_shrink_model") if isinstance(agree, dict) else None
+        vs_model = vs_model if isinstance(vs_model, dict) else {}
+        lat = e.get("latency") if isinstance(e.get("latency"), dict) else {}
+        speed = (f"{num(lat.get('decode_tokens_per_s'), ',.0f')} tok/s decode" if finite(lat.get("decode_tokens_per_s"))
+                 else f"{num(lat.get('median_ms'), '.3g')} ms" if finite(lat.get("median_ms")) else DASH)
+        verified = {True: "passed", False: "not verified"}.get(e.get("verified"), DASH)
+        rows.append([str(e.get("format", "?")), str(e.get("path", "?")),
+                     fmt_bytes(e["bytes"]) if finite(e.get("bytes")) else DASH, str(e.get("runtime") or DASH),
+                     verified, num(vs_model.get("rel_rmse"), ".2e"),
+                     num(100 * vs_model["top1_agreement"], ".1f", "%") if finite(vs_model.get("top1_agreement")) else DASH,
+                     speed])
+    if not rows:
+        return ""
+    return ('<section id="exports"><h2>Exports, proven in their runtimes</h2>'
+            "<p>Each file was loaded in its runtime and run on held-out inputs beside shrink's model "
+            "(error and top-1 agreement of the outputs against shrink's compressed model).</p>"
+            + table(["format", "path", "size", "runtime", "verification", "rel. RMS error", "top-1", "speed"],
+                    rows, "num") + "</section>")

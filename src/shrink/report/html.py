@@ -8,7 +8,7 @@ from pathlib import Path
 
 from shrink.fsutil import write_bytes_atomic
 
-from .deploy import plan_section, roofline_section, search_section
+from .deploy import exports_section, plan_section, roofline_section, search_section
 from .plots import layer_errors, layer_sqnr, sensitivity, staircase, svd_energy, weight_hist
 from .svg import esc, finite
 from .text import DASH, count, figure, joules, mb, num, recipe_text, step_name, table, times, yamlish
@@ -203,7 +203,7 @@ def render_html(result: dict) -> str:
     # a search's verdict and front come first: they are what the search was run for
     body = [header(result), search_section(result), summary(result), steps_section(result.get("steps")),
             figures_section(result.get("figures")), plan_section(result.get("plan")),
-            roofline_section(result.get("roofline"))]
+            roofline_section(result.get("roofline")), exports_section(result.get("exports"))]
     title = f"shrink report: {result.get('model', 'unnamed model')}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
