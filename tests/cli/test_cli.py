@@ -94,6 +94,14 @@ def test_demo_runs_the_journey(demo):
         assert stored >= result["compressed"]["size_bytes"]  # the files hold at least the counted bytes
         assert (d / "report.html").stat().st_size > 10_000 and r["report"] == str(d / "report.html")
         assert r["ratios"]["R"] > 1.5 and r["ratios"]["A"] > 0.99
+    # the GPTQ model exported to GGUF with its codes carried, proven in llama.cpp
+    (e,) = doc["exports"]
+    if "skipped" not in e:
+        assert e["passed"] and e["carried"] == 28 and e["vs_shrink_model"]["top1_agreement"] >= 0.95
+        assert (out / "tiny-gpt-w4-gptq" / "model.gguf").stat().st_size == e["bytes"]
+        result = json.loads((out / "tiny-gpt-w4-gptq" / "result.json").read_text())
+        assert result["exports"][0]["verified"] is True
+        assert 'id="exports"' in (out / "tiny-gpt-w4-gptq" / "report.html").read_text()
     s = doc["search"]
     assert s["chosen"] is not None and s["chosen"]["quality"]["value"] >= 0.99 * s["baseline"]["quality"]["value"]
     assert (out / f"search-{s['model']}" / "report.html").is_file()

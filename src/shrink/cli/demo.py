@@ -5,8 +5,9 @@
    (stored bytes, compression, SQNR);
 3. compress: MiniLM and tiny-gpt with a few recipes, each measured before and after
    (size, quality, latency, energy) into DIR/NAME/ with its report.html;
-4. search: a small space on tiny-gpt to a quality floor, Pareto front and choice;
-5. a summary table and where everything is.
+4. export: tiny-gpt's GPTQ model to GGUF (its codes carried into Q4_1), proven in llama.cpp;
+5. search: a small space on tiny-gpt to a quality floor, Pareto front and choice;
+6. a summary table and where everything is.
 
 --quick runs one recipe per model and a smaller search (the tests use it).
 """
@@ -79,6 +80,7 @@ def run(args) -> int:
         _print_table(doc)
     out = Path(args.output)
     doc["runs"] = _compress_runs(out, QUICK_RUNS if args.quick else RUNS)
+    doc["exports"] = _exports(out, doc["runs"])
     doc["search"] = _search(out, QUICK_SEARCH if args.quick else SEARCH)
     write_json_atomic(out / "demo.json", _jsonable(doc))
     if args.json:
@@ -103,6 +105,37 @@ def _compress_runs(out: Path, runs) -> list[dict]:
         rows.append({"model": model, "recipe": recipe, "dir": str(d), "report": str(write_report(d)),
                      "baseline": _brief(r["baseline"]), "compressed": _brief(r["compressed"]),
                      "ratios": r["ratios"]})
+    return rows
+
+
+EXPORTS = [("tiny-gpt", "w4-gptq", "gguf:auto")]
+
+
+def _exports(out: Path, runs: list[dict]) -> list[dict]:
+    """Export the compressed DIRs to a deployment format and prove them in the runtime; the
+    record goes into the run's result.json and report."""
+    from shrink.cli.export import _attach_to_run
+    from shrink.export.run import check_runtime, export, parse_format
+
+    rows = []
+    for model, recipe, fmt in EXPORTS:
+        run = next((r for r in runs if (r["model"], r["recipe"]) == (model, recipe)), None)
+        if run is None:
+            continue
+        path = Path(run["dir"]) / ("model.gguf" if fmt.startswith("gguf") else "export")
+        print(f"export {run['dir']} --format {fmt} -o {path}", file=sys.stderr)
+        try:
+            check_runtime(parse_format(fmt)[0])
+        except ValueError as e:
+            rows.append({"dir": run["dir"], "format": fmt, "skipped": str(e)})
+            continue
+        rec = export(run["dir"], fmt, path)
+        _attach_to_run(run["dir"], rec)
+        v = rec["verification"]
+        rows.append({"dir": run["dir"], "format": fmt, "path": str(path), "bytes": rec["bytes"],
+                     "carried": rec.get("carried"), "runtime": v["runtime"], "passed": v["passed"],
+                     "vs_shrink_model": v["vs_shrink_model"], "greedy_generated": v["greedy"]["generated"],
+                     "decode_tokens_per_s": v["latency"]["decode_tokens_per_s"]})
     return rows
 
 
@@ -140,6 +173,16 @@ def _print_journey(doc: dict) -> None:
         print(f"{r['model']:<10}{r['recipe']:<12}{b['size_bytes'] / 1e6:>7.2f} -> {c['size_bytes'] / 1e6:<6.2f}"
               f"{fmt(x['R']):>7}{b['quality']['name'][:10]:>12} {q:>15}{fmt(x['A'], True):>8}{fmt(x['L']):>7}"
               f"{fmt(x['E']):>7}")
+    for e in doc.get("exports", []):
+        if "skipped" in e:
+            print(f"\nExport of {e['dir']} to {e['format']} skipped: {e['skipped']}")
+            continue
+        a = e["vs_shrink_model"]
+        print(f"\nExported {e['dir']} -> {e['path']} ({e['format']}, {e['bytes'] / 1e6:.2f} MB, "
+              f"{e['carried']} layers' codes carried); in {e['runtime']}: "
+              f"{'PASSED' if e['passed'] else 'FAILED'}, logits rel. error {a['rel_rmse']:.1e} and top-1 agreement "
+              f"{100 * a['top1_agreement']:.1f}% vs shrink's model, greedy {a['greedy_match']}/{e['greedy_generated']} "
+              f"tokens equal, {e['decode_tokens_per_s']:.0f} tok/s decode")
     s = doc["search"]
     print(f"\nSearch on {s['model']} (--max-drop {s['max_drop']}%, {s['candidates']} candidates, "
           f"front: {', '.join(s['front']) or 'none'})")
