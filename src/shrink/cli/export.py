@@ -26,7 +26,9 @@ def run(args) -> int:
     from shrink.cli.progress import bar_callback
     from shrink.export.run import export
     from shrink.export.verify import VerificationError
+    from shrink.recipe.trials import quiet_model_loading
 
+    quiet_model_loading()  # transformers' per-load bars would bury the export's own lines
     bars = bar_callback()
     try:
         record = export(args.model, args.format, args.output, verify=not args.no_verify,
