@@ -98,6 +98,8 @@ def export(model_ref: str, fmt: str, out: str | Path, *, verify: bool = True,
 
             record["verification"] = verify_gguf(out, model, written.state, types, heldout_ids(tokenizer, n_tokens))
     elif kind == "onnx":
+        if importlib.util.find_spec("shrink.export.onnx") is None:
+            raise ValueError("ONNX export is not part of this build of shrink yet; use gguf:TYPE or safetensors")
         from shrink.export.onnx import export_onnx, verify_onnx
 
         record.update(export_onnx(model, out, tokenizer=tokenizer, quant=sub or "auto"))
