@@ -102,7 +102,7 @@ def export(model_ref: str, fmt: str, out: str | Path, *, verify: bool = True,
             raise ValueError("ONNX export is not part of this build of shrink yet; use gguf:TYPE or safetensors")
         from shrink.export.onnx import export_onnx, verify_onnx
 
-        record.update(export_onnx(model, out, tokenizer=tokenizer, quant=sub or "auto"))
+        record.update(export_onnx(model, out, tokenizer=tokenizer, quant=sub or "auto", source=record["source_model"]))
         if verify:
             record["verification"] = verify_onnx(out, model, tokenizer)
     elif sub == "packed":

@@ -8,7 +8,9 @@
   ``torch.load(weights_only=True)``) with a config.json beside it: a
   transformers config, or a shrink digits config;
 - a ``.gguf`` file of the llama or gpt2 architecture (`shrink.models.gguf_read`),
-  dequantized to float32, with its tokenizer rebuilt from the file's metadata.
+  dequantized to float32, with its tokenizer rebuilt from the file's metadata;
+- an ``.onnx`` file, run in ONNX Runtime (`shrink.models.onnx_model`), with the
+  tokenizer saved beside it.
 
 Nothing is downloaded: transformers is always called with local_files_only.
 
@@ -307,6 +309,10 @@ def load(name_or_path: str | os.PathLike, progress: Callable[[int], None] | None
             from shrink.models.gguf_read import load_gguf
 
             return load_gguf(path)
+        if suffix == ".onnx":
+            from shrink.models.onnx_model import load_onnx
+
+            return load_onnx(path)
         if suffix not in WEIGHT_SUFFIXES:
             raise ValueError(_unknown(path, f"unsupported file type {suffix or '(none)'}; expected a model "
                                       f"directory or a weights file ({', '.join(WEIGHT_SUFFIXES)}) with a config.json beside it"))
@@ -338,6 +344,10 @@ def load_tokenizer(name_or_path: str | os.PathLike, progress: Callable[[int], No
             from shrink.models.gguf_read import load_gguf_tokenizer
 
             return load_gguf_tokenizer(path)
+        if path.is_file() and path.suffix.lower() == ".onnx":
+            from shrink.models.onnx_model import load_onnx_tokenizer
+
+            return load_onnx_tokenizer(path)
         if path.is_file():
             path = path.parent
         if not path.is_dir():

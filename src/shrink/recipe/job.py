@@ -157,6 +157,10 @@ def source_of(model_ref: str) -> str:
     from shrink.models.compressed import is_compressed_dir
 
     p = Path(str(model_ref)).expanduser()
+    if p.suffix.lower() == ".onnx" and p.is_file():   # an ONNX export names its source in its sidecar
+        from shrink.models.onnx_model import onnx_source_model
+
+        return onnx_source_model(p) or str(model_ref)
     for candidate in (p, p / "model"):
         if is_compressed_dir(candidate):
             manifest = json.loads((candidate / "manifest.json").read_text(encoding="utf-8"))

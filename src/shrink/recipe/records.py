@@ -44,7 +44,11 @@ def model_nbytes(model: nn.Module) -> int:
     """Stored bytes: parameters and buffers at their dtype, QuantLinear and QuantConv2d
     weights as their QTensor counts them (packed codes + scales + zero-points, not the
     kernel's repacked copy or a cached dequantized weight), shared tensors once, integer
-    index buffers (position ids) not at all."""
+    index buffers (position ids) not at all. A model another runtime runs (an .onnx file)
+    says its own `stored_nbytes`."""
+    stored = getattr(model, "stored_nbytes", None)
+    if isinstance(stored, int):
+        return stored
     packed = _packed_types()
     seen: set[int] = set()
     total = 0
@@ -68,7 +72,10 @@ def model_nbytes(model: nn.Module) -> int:
 def model_params(model: nn.Module) -> int:
     """Parameters the model computes with: packed layers count their logical weights
     (out x in; a QuantConv2d's out x in/groups*kh*kw, nn.Conv2d's weight numel) and bias,
-    shared tensors once."""
+    shared tensors once. A model another runtime runs says its own `stored_params`."""
+    stored = getattr(model, "stored_params", None)
+    if isinstance(stored, int):
+        return stored
     packed = _packed_types()
     seen: set[int] = set()
     n = 0
