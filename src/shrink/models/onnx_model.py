@@ -74,8 +74,8 @@ class OnnxModel(nn.Module):
     @property
     def stored_nbytes(self) -> int:
         """Bytes on disk: the .onnx file and its external data file, if any."""
-        data = self.path.with_name(self.path.name + ".data")
-        return self.path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        data = self.meta.get("external_data")
+        return self.path.stat().st_size + ((self.path.parent / data).stat().st_size if data else 0)
 
     @property
     def stored_params(self) -> int | None:
@@ -334,6 +334,9 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None, exact: bool =
     info = dict(meta or {})
     if "architectures" not in info and props.get("shrink.architectures"):
         info["architectures"] = props["shrink.architectures"].split(",")
+    if "external_data" not in info:   # a file from elsewhere: its weights file, if one
+        places = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        info["external_data"] = places.pop() if len(places) == 1 else None
     del proto
     return OnnxModel(path, open_session(path, threads, exact), kind, info, exact)
 
