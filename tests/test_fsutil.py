@@ -28,3 +28,20 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(p, {"a": object()})
     assert p.read_text() == '{\n  "a": 1\n}\n' and len(list(tmp_path.iterdir())) == 1
+
+
+def test_replace_dir_swaps_whole_directories_and_refuses_a_file(tmp_path):
+    from shrink.fsutil import replace_dir
+
+    out = tmp_path / "out"
+    for content in ("old", "new"):
+        tmp = tmp_path / f".out.{content}"
+        tmp.mkdir()
+        (tmp / "f.txt").write_text(content)
+        replace_dir(tmp, out)
+    assert (out / "f.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "file").write_text("x")
+    (tmp_path / ".file.tmp").mkdir()
+    with pytest.raises(ValueError, match="not a directory"):
+        replace_dir(tmp_path / ".file.tmp", tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,23 @@ def file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def replace_dir(tmp: str | Path, directory: str | Path) -> Path:
+    """Put the finished directory `tmp` (a sibling of `directory`) in its place: the old one,
+    if any, is moved aside first and removed after, so a reader sees the old or the new, whole."""
+    tmp, directory = Path(tmp), Path(directory)
+    if directory.exists():
+        if not directory.is_dir():
+            raise ValueError(f"{directory} exists and is not a directory; choose another output path")
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(directory)
+    return directory
 
 
 def write_json_atomic(path: str | Path, obj) -> Path:

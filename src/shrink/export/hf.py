@@ -29,6 +29,7 @@ from torch import nn
 
 from shrink.export.dense import plain_copy
 from shrink.export.verify import VerificationError, compare_logits
+from shrink.fsutil import replace_dir
 
 # max relative RMS error of the outputs; transformers runs the same float32 weights, so only
 # the order of floating-point operations differs
@@ -47,22 +48,10 @@ with torch.no_grad():
     elapsed = time.perf_counter() - t0
 y = out.logits if hasattr(out, "logits") else out.last_hidden_state
 np.save(args["out"], y.float().numpy())
-print(json.dumps({"seconds": elapsed, "class": type(model).__name__,
-                  "shrink_imported": any(m == "shrink" or m.startswith("shrink.") for m in sys.modules)}))
+with open(args["info"], "w") as f:
+    json.dump({"seconds": elapsed, "class": type(model).__name__,
+               "shrink_imported": any(m == "shrink" or m.startswith("shrink.") for m in sys.modules)}, f)
 """
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"{out} exists and is not a directory; choose another -o path")
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def check_hf_exportable(model: nn.Module) -> None:
@@ -82,15 +71,11 @@ def write_hf_dir(model: nn.Module, tokenizer, out: str | Path) -> Path:
         plain_copy(model).save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _auto_class(model: nn.Module, causal: bool) -> str:
-    return "AutoModelForCausalLM" if causal else "AutoModel"
 
 
 def verify_hf_dir(out: Path, model: nn.Module, ids: list[list[int]], causal: bool) -> dict:
@@ -98,14 +83,15 @@ def verify_hf_dir(out: Path, model: nn.Module, ids: list[list[int]], causal: boo
     shrink's model (and with the float weights written, which must agree to rounding)."""
     with tempfile.TemporaryDirectory() as td:
         npy = Path(td) / "y.npy"
-        args = {"dir": str(out), "ids": ids, "out": str(npy), "auto": _auto_class(model, causal)}
+        args = {"dir": str(out), "ids": ids, "out": str(npy), "auto": "AutoModelForCausalLM" if causal else "AutoModel",
+                "info": str(Path(td) / "info.json")}
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(args)], capture_output=True, text=True,
                               env=env, timeout=600)
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or ["(no message)"]
             raise VerificationError(f"{out}: transformers could not load or run the exported directory: {tail[0]}")
-        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        info = json.loads((Path(td) / "info.json").read_text())
         got = np.load(npy)
     batch = torch.tensor(ids)
     with torch.no_grad():

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shrink.fsutil import replace_dir
 from shrink.modules import InputScaled, QuantConv2d, QuantLinear, W8A8Linear
 from shrink.quant import QuantSpec
 from shrink.surgery import replace_module
@@ -100,14 +101,7 @@ def save_compressed(model: nn.Module, directory: str | Path, *, base: dict, extr
         manifest = {"format": FORMAT, "version": VERSION, "base": base,
                     "modules": compressed_modules(model), **(extra or {})}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
