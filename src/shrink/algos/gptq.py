@@ -75,6 +75,7 @@ def gptq(
     observer: str = "minmax",
     max_retries: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    mask: torch.Tensor | None = None,
     **observer_kwargs,
 ) -> QuantResult:
     """GPTQ-quantize a Linear weight [out, in] given H = 2/n X X^T of its inputs [in, in].
@@ -91,10 +92,16 @@ def gptq(
     retried with 10x more, at most max_retries times (then a ValueError).
     observer / observer_kwargs choose scales from the weights as quantize() does.
     progress(done_columns, total_columns) is called after each block.
+    mask: a bool [out, in] (True = kept) of a pruned weight whose zeros must stay zero: each
+    column is masked before it is rounded (the error feedback never revives a pruned weight),
+    so where the grid holds 0 the pruned entries dequantize to exactly 0.
     """
     start = time.perf_counter()
     check_weight(weight, spec, "gptq")
     check_hessian(hessian, weight.shape[1], "gptq")
+    if mask is not None and (mask.shape != weight.shape or mask.dtype != torch.bool):
+        raise ValueError(f"gptq: mask must be a bool tensor of the weight's shape {tuple(weight.shape)}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
     _check_options(block_size, damp, max_retries, observer, observer_kwargs)
     out, n = weight.shape
     cdt = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -126,8 +133,12 @@ def gptq(
 
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
         wt = w0.t().clone(memory_format=torch.contiguous_format)  # [in, out]: a column is one row
+        keep = None if mask is None else mask.t().to(device=w0.device, dtype=cdt)
+        if keep is not None:
+            wt *= keep
         if perm is not None:
             wt, h = wt[perm], h[perm][:, perm]
+            keep = None if keep is None else keep[perm]
         u, damp_used, retries, lam = _inverse_cholesky(h, damp, max_retries)
         u = u.to(cdt)
 
@@ -155,6 +166,8 @@ def gptq(
                 # product per column instead of a rank-1 update of the whole block.
                 if i > k0:
                     w1[i] -= u1[k0:i, i] @ e1[k0:i]
+                if keep is not None:
+                    w1[i] *= keep[j]
                 qj = coder(w1[i], cols[j])
                 q[j] = qj
                 torch.div(w1[i] - qj, u1[i, i], out=e1[i])
