@@ -21,7 +21,7 @@ from .measure import measure
 from .memory import available_memory, check_job_fits, job_memory
 from .rules import check_order
 from .run import CompressResult, compress
-from .steps import NEEDS_CALIBRATION, parse_recipe
+from .steps import needs_calibration, parse_recipe
 
 Progress = Callable[[str, int, int], None]
 
@@ -132,7 +132,7 @@ def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | No
     t0 = time.perf_counter() if t0 is None else t0
     model, batches, metric, base = prepared
     torch.manual_seed(seed)
-    if batches is None and any(isinstance(s, NEEDS_CALIBRATION) for s in steps):
+    if batches is None and any(needs_calibration(s) for s in steps):
         raise ValueError(f"{model_ref}: this model has no text calibration data; use rtn or kmeans steps")
     memory = job_memory(model, steps, batches)
     check_job_fits(memory, available_memory())  # before any step runs

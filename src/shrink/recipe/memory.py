@@ -5,13 +5,15 @@ Peak = the original model + its working copy (compress never modifies its input)
      + calibration activations kept between blocks (the block inputs and outputs
        of every calibration batch, fp32)
      + Hessians held at once (fp32 in x in per target: one block's worth for
-       gptq/awq/smoothquant, every target's for mixed_precision)."""
+       gptq/awq/smoothquant, every target's for mixed_precision)
+     + for steps that train (finetune, iterative_prune, lottery_ticket): gradients and
+       AdamW's two moments, 3 x the weights."""
 from __future__ import annotations
 
 from torch import nn
 
 from .records import model_nbytes
-from .steps import MixedPrecision, NEEDS_CALIBRATION
+from .steps import MixedPrecision, needs_calibration
 
 
 def job_memory(model: nn.Module, steps: list, batches: list | None) -> dict:
@@ -19,7 +21,7 @@ def job_memory(model: nn.Module, steps: list, batches: list | None) -> dict:
     weights = model_nbytes(model)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     widths = [m.in_features for m in linears]
-    calib = batches and any(isinstance(s, NEEDS_CALIBRATION) for s in steps)
+    calib = batches and any(needs_calibration(s) for s in steps)
     act = hess = 0
     parts = [f"model {weights:,} B + working copy {weights:,} B"]
     if calib:
@@ -34,7 +36,11 @@ def job_memory(model: nn.Module, steps: list, batches: list | None) -> dict:
             per_block = _largest_block_hessians(model)
             hess = per_block or (4 * max(widths, default=0) ** 2)
             parts.append(f"one block's Hessians {hess:,} B")
-    total = 2 * weights + act + hess
+    train = 0
+    if any(getattr(s, "kind", None) == "finetune" or getattr(s, "trains", False) for s in steps):
+        train = 3 * weights
+        parts.append(f"training: gradients + AdamW's two moments 3 x {weights:,} B = {train:,} B")
+    total = 2 * weights + act + hess + train
     return {"bytes": total, "derivation": " + ".join(parts) + f" = {total:,} B ({total / 2**30:.2f} GiB)"}
 
 

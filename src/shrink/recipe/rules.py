@@ -51,7 +51,8 @@ def check_order(steps: list, force: bool = False) -> list[str]:
                              f"({names[a]}) quantizes every layer first and a layer is quantized once; give one of "
                              "them include: or exclude: patterns to split the layers between them")
     for i, k in enumerate(kinds):
-        if k in PRUNING and not any(kinds[j] in RECOVERY for j in range(i + 1, len(kinds))):
+        if k in PRUNING and not getattr(steps[i], "trains", False) and \
+                not any(kinds[j] in RECOVERY for j in range(i + 1, len(kinds))):
             notes.append(f"suggestion: step {i + 1} ({names[i]}) prunes with no fine-tune or distillation after "
                          "it; add `- finetune: {steps: 200}` before quantizing to recover the accuracy pruning costs")
     return notes

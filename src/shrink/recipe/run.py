@@ -9,7 +9,6 @@ cannot handle are listed in the step record's `skipped`, with the reason."""
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -22,19 +21,18 @@ from shrink.algos.awq import awq
 from shrink.algos.mixed import Sensitivity, allocate_bits, layer_sensitivity
 from shrink.algos.smoothquant import smoothquant_scales
 from shrink.eval.latency import latency_probe
-from shrink.modules.input_scaled import InputScaled
-from shrink.modules.quant_conv2d import QuantConv2d
-from shrink.modules.quant_linear import QuantLinear
 from shrink.modules.w8a8_linear import W8A8Linear
 from shrink.quant import QTensor, QuantSpec, check_finite, dequantize, quantize
 from shrink.surgery import SequentialRunner, Target, find_fold_source, fold_into, replace_module, select_modules
 
 from .figures import run_figures
+from .install import as_linear as _as_linear, fmt as _fmt, install as _install, sqnr as _sqnr
 from .hessians import HessianCollector, gptq_row_groups, hessian_error, row_parts
 from .measure import four_ratios, measure
 from .records import LayerRecord, StepRecord
 from .rules import check_order
-from .steps import AWQ, GPTQ, NEEDS_CALIBRATION, RTN, KMeans, MixedPrecision, SmoothQuant, parse_recipe, step_to_dict
+from .steps import (AWQ, GPTQ, RTN, Finetune, IterativePrune, KMeans, LotteryTicket, MixedPrecision, Prune, SmoothQuant,
+                    needs_calibration, parse_recipe, step_to_dict)
 
 Progress = Callable[[str, int, int], None]
 MAX_AWQ_TOKENS = 4096
@@ -79,11 +77,12 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
     if example is None and batches:
         example = batches[0]
     probe = latency_probe(example) if measure_speed and example is not None else None
-    needs = [s for s in steps if isinstance(s, NEEDS_CALIBRATION)]
+    needs = [s for s in steps if needs_calibration(s)]
     if needs and not batches:
         names = ", ".join(sorted({step_to_dict(s).popitem()[0] for s in needs}))
-        raise ValueError(f"recipe steps {names} need calibration data: pass calibration= a list of input "
-                         "batches (e.g. 128 sequences of 512 tokens from shrink.data.calibration)")
+        raise ValueError(f"recipe steps {names} need calibration data (activations or training batches): pass "
+                         "calibration= a list of input batches (e.g. 128 sequences of 512 tokens from "
+                         "shrink.data.calibration)")
     _check_weights(model)
     work = copy.deepcopy(model).eval()
     baseline = measure(model, evaluate, probe) if baseline is None else baseline
@@ -91,7 +90,8 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
     for i, step in enumerate(steps, 1):
         rec = StepRecord(index=i, step=step_to_dict(step))
         t0 = time.perf_counter()
-        sel = select_modules(work, types=("linear", "conv1d", "conv2d"), include=step.include, exclude=step.exclude)
+        types = ("linear", "conv1d", "conv2d") + (("sparse_linear",) if step.kind == "quantize" else ())
+        sel = select_modules(work, types=types, include=step.include, exclude=step.exclude)
         rec.skipped = [{"name": s.name, "reason": s.reason} for s in sel.skipped if _worth_listing(s)]
         targets = []
         for t in sel.targets:
@@ -102,7 +102,9 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
                 rec.skipped.append({"name": t.name, "reason": why})
         report = (lambda done, total, label=f"step {i} {rec.step and next(iter(rec.step))}":
                   progress(label, done, total)) if progress else None
-        if isinstance(step, (RTN, KMeans)):
+        if isinstance(step, (Prune, IterativePrune, LotteryTicket, Finetune)):
+            _train_or_prune(work, model, step, targets, batches, rec, report, evaluate)
+        elif isinstance(step, (RTN, KMeans)):
             _data_free(work, step, targets, rec, report)
         elif isinstance(step, GPTQ):
             _gptq(work, step, targets, batches, rec, report)
@@ -123,6 +125,24 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
 
 
 # ---------------------------------------------------------------- steps
+
+def _train_or_prune(work, original, step, targets, batches, rec: StepRecord, report, evaluate) -> None:
+    """Pruning and training steps (recipe/prune.py, structured.py, training.py)."""
+    from .prune import run_unstructured
+    from .structured import run_structured
+    from .training import run_finetune, run_iterative, run_lottery
+
+    if isinstance(step, Finetune):
+        run_finetune(work, original, step, batches, rec, report)
+    elif isinstance(step, IterativePrune):
+        run_iterative(work, original, step, targets, batches, rec, report, evaluate)
+    elif isinstance(step, LotteryTicket):
+        run_lottery(work, original, step, targets, batches, rec, report, evaluate)
+    elif step.kind == "structured_prune":
+        run_structured(work, step, batches, rec, report)
+    else:
+        run_unstructured(work, step, targets, batches, rec, report)
+
 
 def _data_free(model, step, targets: list[Target], rec: StepRecord, report) -> None:
     for n, t in enumerate(targets, 1):
@@ -154,8 +174,11 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
             t0 = time.perf_counter()
             h = first[group[0].name].hessian()
             w = torch.cat([t.weight_view().detach().float() for t in group])
+            sparse = any(t.kind == "sparse_linear" for t in group)
+            mask = torch.cat([t.module.mask() if t.kind == "sparse_linear" else torch.ones_like(
+                t.weight_view(), dtype=torch.bool) for t in group]) if sparse else None
             res = gptq(w, h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order,
-                       observer=step.observer)
+                       observer=step.observer, mask=mask)
             per = (time.perf_counter() - t0) / len(group)
             row = 0
             for t in group:
@@ -170,6 +193,8 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
                     note += f" Cholesky retried {res.retries}x, damp {res.damp_used:g}"
                 if t.kind == "conv2d":
                     note += f"; Hessian over {first[t.name].samples} im2col patches"
+                if t.kind == "sparse_linear":
+                    note += "; pruned weights held at zero (masked GPTQ); the int codes are stored dense"
                 _install(model, t, qt, rec, _fmt(spec), err, err_rtn, per, note.strip("; "))
             for t in group:
                 coll.pop(t.name)
@@ -406,44 +431,6 @@ def _rtn_outside_blocks(model, runner, spec: QuantSpec, rec: StepRecord) -> None
         _install(model, t, qt, rec, _fmt(spec), err, None, 0.0, "outside the transformer blocks: RTN")
 
 
-def _as_linear(w: torch.Tensor, bias) -> nn.Linear:
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-        if bias is not None:
-            lin.bias.copy_(bias.detach())
-    return lin
-
-
-def _sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    noise = float(((w - w_hat) ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(float((w ** 2).sum()) / noise)
-
-
-def _install(model, t: Target, qt: QTensor, rec: StepRecord, fmt: str, err: float, err_rtn,
-             seconds: float, note: str, input_scale: torch.Tensor | None = None) -> None:
-    bias = getattr(t.module, "bias", None)
-    bias = None if bias is None else bias.detach()
-    if t.kind == "conv2d":
-        c = t.module
-        ql = QuantConv2d.from_qtensor(qt, bias, in_channels=c.in_channels, kernel_size=c.kernel_size,
-                                      stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
-                                      padding_mode=c.padding_mode)
-    else:
-        ql = QuantLinear.from_qtensor(qt, bias)
-    new: nn.Module = ql if input_scale is None else InputScaled(ql, input_scale)
-    device = t.module.weight.device
-    if device.type != "cpu":  # codes are packed on the CPU; the layer goes where the model is
-        new = new.to(device)
-    replace_module(model, t.name, new)
-    w = t.weight_view().detach().float()
-    sqnr = _sqnr(w, dequantize(qt).float())
-    rec.layers.append(LayerRecord(name=t.name, shape=(t.out_features, t.in_features), format=fmt,
-                                  bytes_fp32=4 * w.numel(), bytes_stored=qt.nbytes, error=err,
-                                  error_rtn=err_rtn, sqnr_db=sqnr, seconds=seconds, kernel=ql.kernel,
-                                  note=(note + (f"; kernel fallback: {ql.kernel_reason}" if ql.kernel_reason else "")).strip("; ")))
-
-
 def _share_input(targets: list[Target], observers=None, inputs=None) -> list[list[Target]]:
     """Group targets that saw the same inputs (q/k/v, gate/up): equal Hessians or inputs."""
     groups: list[list[Target]] = []
@@ -468,11 +455,6 @@ def _rows(qt: QTensor, start: int, stop: int, spec: QuantSpec) -> QTensor:
     if not torch.equal(part.int_codes(), qt.int_codes()[start:stop]):  # the grid is the same: exact
         raise RuntimeError("splitting a jointly solved weight changed its codes")
     return part
-
-
-def _fmt(spec: QuantSpec) -> str:
-    base = f"int{spec.bits}"
-    return f"{base}-g{spec.group_size}" if spec.granularity == "group" else f"{base}-channel"
 
 
 def _check_weights(model: nn.Module) -> None:

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Union
 
 from shrink.quant import QuantSpec
 
+from .prune_steps import Finetune, IterativePrune, LotteryTicket, Prune
+
 OBSERVERS = ("minmax", "percentile", "mse")
 
 
@@ -162,10 +164,17 @@ class MixedPrecision:
         return _spec(8, None, True) if bits == 8 else _spec(bits, self.group_size, False)
 
 
-Step = Union[RTN, GPTQ, AWQ, KMeans, SmoothQuant, MixedPrecision]
+Step = Union[RTN, GPTQ, AWQ, KMeans, SmoothQuant, MixedPrecision, Prune, IterativePrune, LotteryTicket, Finetune]
 STEP_TYPES: dict[str, type] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "kmeans": KMeans,
-                               "smoothquant": SmoothQuant, "mixed_precision": MixedPrecision}
+                               "smoothquant": SmoothQuant, "mixed_precision": MixedPrecision,
+                               "prune": Prune, "iterative_prune": IterativePrune,
+                               "lottery_ticket": LotteryTicket, "finetune": Finetune}
 NEEDS_CALIBRATION = (GPTQ, AWQ, SmoothQuant, MixedPrecision)
+
+
+def needs_calibration(step) -> bool:
+    """Steps that read activations or train: calibration batches are required."""
+    return isinstance(step, NEEDS_CALIBRATION) or bool(getattr(step, "needs_data", False))
 
 def step_name(step) -> str:
     for name, cls in STEP_TYPES.items():
@@ -175,8 +184,12 @@ def step_name(step) -> str:
 
 
 def step_to_dict(step) -> dict:
-    return {step_name(step): {f.name: (list(v) if isinstance(v, tuple) else v)
-                              for f in fields(step) if (v := getattr(step, f.name)) is not None}}
+    def plain(v):
+        if isinstance(v, tuple):
+            return list(v)
+        return step_to_dict(v)[step_name(v)] if type(v) in STEP_TYPES.values() else v
+
+    return {step_name(step): {f.name: plain(v) for f in fields(step) if (v := getattr(step, f.name)) is not None}}
 
 
 def parse_recipe(recipe: Any) -> list:
@@ -233,8 +246,28 @@ def _coerce(index: int, step: str, key: str, value: Any, field: dataclasses.Fiel
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ValueError(f"{where} must be a list of bit widths, e.g. [2, 3, 4, 8]")
         return tuple(value)
-    if key in ("bits_per_weight", "max_bytes") and value is None:
+    if key in ("bits_per_weight", "max_bytes", "sparsity", "pattern", "rounds", "per_round", "bits") and value is None:
         return None
+    if key == "finetune":
+        if isinstance(value, Finetune):
+            return value
+        return _parse_step(index, {"finetune": value}) if isinstance(value, dict) else value
+    if key == "rewind":
+        if value == "init" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise ValueError(f"{where} must be init or a training iteration (an integer), got {value!r}")
+    if key in ("sparsity", "per_round", "target", "lr"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if key == "pattern":
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string such as \"2:4\", got {value!r}")
+        return value
+    if key in ("rounds", "bits"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
     if key == "bits_per_weight":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where} must be a number, got {value!r}")
@@ -303,4 +336,12 @@ BUILTIN = {
     "kmeans16": [KMeans(clusters=16)],
     "w8a8-smoothquant": [SmoothQuant()],
     "mixed-4.5": [MixedPrecision(bits_per_weight=4.5)],
+    "prune50-magnitude": [Prune(method="magnitude", sparsity=0.5)],
+    "prune50-wanda": [Prune(method="wanda", sparsity=0.5)],
+    "prune50-sparsegpt": [Prune(method="sparsegpt", sparsity=0.5)],
+    "prune-2:4-sparsegpt": [Prune(method="sparsegpt", pattern="2:4")],
+    "prune50-wanda+w4": [Prune(method="wanda", sparsity=0.5), GPTQ()],
+    "prune50-sparsegpt-w4": [Prune(method="sparsegpt", sparsity=0.5, bits=4)],
+    "heads25+finetune": [Prune(method="heads", sparsity=0.25), Finetune(steps=200)],
+    "neurons25+finetune": [Prune(method="neurons", sparsity=0.25), Finetune(steps=200)],
 }

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-SUPPORTED_TYPES = ("linear", "conv1d", "conv2d")
+SUPPORTED_TYPES = ("linear", "conv1d", "conv2d", "sparse_linear")
 # The LM output head by the names transformers uses for it; heads are found
 # by tying and get_output_embeddings() too, the names catch the untied ones.
 HEAD_NAMES = ("lm_head", "embed_out")
@@ -52,6 +52,8 @@ class Target:
 
         In-place edits of the view (under torch.no_grad()) change the module.
         """
+        if self.kind == "sparse_linear":  # a pruned layer: its dense equivalent (a copy, not a view)
+            return self.module.dense_weight()
         w = self.module.weight
         if self.kind == "conv1d":
             return w.t()
@@ -66,6 +68,8 @@ class Target:
                 f"{self.name}: new weight has shape {tuple(w.shape)}, "
                 f"expected [out, in] = [{self.out_features}, {self.in_features}]"
             )
+        if self.kind == "sparse_linear":
+            raise ValueError(f"{self.name}: a SparseLinear's weight is stored sparse; replace the module instead")
         with torch.no_grad():
             self.weight_view().copy_(w)
 
@@ -97,6 +101,8 @@ def kind_of(module: nn.Module) -> str | None:
         return "conv2d"
     if isinstance(module, nn.Embedding):
         return "embedding"
+    if type(module).__name__ == "SparseLinear" and callable(getattr(module, "dense_weight", None)):
+        return "sparse_linear"
     # transformers' Conv1D, recognised by shape rather than imported: transformers
     # is an optional dependency and importing it costs seconds.
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and _is_param(module, "weight"):
@@ -110,6 +116,8 @@ def _is_param(module: nn.Module, attr: str) -> bool:
 
 
 def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
+    if kind == "sparse_linear":
+        return int(module.out_features), int(module.in_features)
     w = module.weight
     if kind == "conv1d":
         return int(w.shape[1]), int(w.shape[0])
@@ -211,6 +219,9 @@ def select_modules(
     for n, m in named.items():
         if _is_param(m, "weight"):
             holders.setdefault(id(m.weight), []).append(n)
+
+    def weight_id(m: nn.Module) -> int:  # a SparseLinear has no .weight: the module stands for it
+        return id(getattr(m, "weight", m))
     heads = _head_modules(model, named)
 
     targets: list[Target] = []
@@ -242,12 +253,12 @@ def select_modules(
             skip("embedding; pass include_embeddings=True to compress it")
         elif kind != "embedding" and kind not in types and id(module) not in heads:
             skip(f"kind {kind!r} is not in types={list(types)}")
-        elif id(module.weight) in taken:
-            skip(f"weight is tied to {taken[id(module.weight)]!r}, which is selected (reported once)")
+        elif weight_id(module) in taken:
+            skip(f"weight is tied to {taken[weight_id(module)]!r}, which is selected (reported once)")
         else:
             others = [a for a in aliases.get(id(module), []) if a != name]
-            others += [h for h in holders.get(id(module.weight), []) if h != name and h not in others]
+            others += [h for h in holders.get(weight_id(module), []) if h != name and h not in others]
             out_f, in_f = _dims(module, kind)
             targets.append(Target(name, module, kind, out_f, in_f, tuple(others)))
-            taken[id(module.weight)] = name
+            taken[weight_id(module)] = name
     return Selection(tuple(targets), tuple(skipped))

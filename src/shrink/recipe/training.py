@@ -1,0 +1,227 @@
+"""Run the recipe steps that train: finetune, iterative_prune (gradual pruning with
+fine-tuning between rounds) and lottery_ticket (iterative magnitude pruning with rewinding).
+
+The teacher for distillation is always the uncompressed model given to compress; the
+pruned pattern is held fixed while training (masks on gradients and weights, or the
+fixed pattern of a SparseLinear).
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from shrink.algos.magnitude import global_magnitude_masks, magnitude_mask
+from shrink.algos.wanda import wanda_mask
+from shrink.surgery import Target
+from shrink.surgery.capture import call_model
+from shrink.train.loop import finetune
+
+from .prune import install_sparse
+from .prune_steps import Finetune, IterativePrune, LotteryTicket
+from .records import StepRecord
+
+
+def run_finetune(model: nn.Module, original: nn.Module, step: Finetune, batches, rec: StepRecord, report,
+                 evaluate=None) -> None:
+    masks = {m.weight: m.shrink_prune_mask for m in model.modules()
+             if getattr(m, "shrink_prune_mask", None) is not None and isinstance(getattr(m, "weight", None),
+                                                                                 nn.Parameter)}
+    tr = finetune(model, batches, steps=step.steps, lr=step.lr, loss=step.loss, teacher=original, masks=masks,
+                  temperature=step.temperature, progress=report)
+    rec.details["training"] = tr.to_dict()
+    rec.details["masked_layers"] = len(masks)
+    model.eval()
+
+
+def _dense_targets(targets: list[Target], rec: StepRecord) -> list[Target]:
+    out = []
+    for t in targets:
+        if t.kind in ("linear", "conv1d") or (t.kind == "conv2d" and t.module.groups == 1):
+            out.append(t)
+        else:
+            rec.skipped.append({"name": t.name, "reason": f"{t.kind}: iterative pruning trains dense Linear, "
+                                                          "Conv1D and ungrouped Conv2d layers"})
+    return out
+
+
+def _param_mask(t: Target, mask: torch.Tensor) -> torch.Tensor:
+    """A [out, in] mask in the layout of the module's own weight parameter."""
+    if t.kind == "conv1d":
+        return mask.t()
+    return mask.reshape(t.module.weight.shape)
+
+
+def _masks(model, targets: list[Target], sparsity: float, method: str, scope: str, batches) -> dict[str, torch.Tensor]:
+    weights = {t.name: t.weight_view().detach().float() for t in targets}
+    if method == "magnitude":
+        if scope == "global":
+            return global_magnitude_masks(weights, sparsity)
+        return {n: magnitude_mask(w, sparsity, name=n) for n, w in weights.items()}
+    norms = _input_norms(model, targets, batches)
+    return {t.name: wanda_mask(weights[t.name], norms[t.name], sparsity, name=t.name) for t in targets}
+
+
+def _input_norms(model, targets: list[Target], batches) -> dict[str, torch.Tensor]:
+    """||X_j|| of every target's input features over a few calibration batches (the current model)."""
+    from shrink.surgery import conv_patches
+
+    sq: dict[str, torch.Tensor] = {}
+
+    def hook(t: Target):
+        def fn(mod, args):
+            x = args[0].detach().float()
+            x = conv_patches(x, mod) if t.kind == "conv2d" else x.reshape(-1, x.shape[-1])
+            v = (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
+            sq[t.name] = v if t.name not in sq else sq[t.name] + v
+        return fn
+
+    handles = [t.module.register_forward_pre_hook(hook(t)) for t in targets]
+    try:
+        with torch.no_grad():
+            for b in list(batches)[:8]:
+                call_model(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: v.sqrt() for n, v in sq.items()}
+
+
+def _apply(targets: list[Target], masks: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
+    out = {}
+    for t in targets:
+        m = masks[t.name]
+        with torch.no_grad():
+            t.module.weight.mul_(_param_mask(t, m).to(t.module.weight.dtype))
+        out[t.module.weight] = _param_mask(t, m)
+    return out
+
+
+def _sparsity(masks: dict[str, torch.Tensor]) -> float:
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(1, total)
+
+
+def _install_all(model, step, targets: list[Target], masks, originals: dict[str, torch.Tensor], rec: StepRecord,
+                 note: str) -> None:
+    for t in targets:
+        w = t.weight_view().detach().float()
+        w0 = originals[t.name]
+        mse = float(((w - w0) ** 2).mean())
+        install_sparse(model, t, w, masks[t.name], step, rec, mse, None, 0.0, note + "; error = weight MSE to the "
+                       "weights before the step (training moved the survivors too)")
+
+
+def run_iterative(model: nn.Module, original: nn.Module, step: IterativePrune, targets: list[Target], batches,
+                  rec: StepRecord, report, evaluate=None) -> None:
+    targets = _dense_targets(targets, rec)
+    originals = {t.name: t.weight_view().detach().float().clone() for t in targets}
+    schedule = step.schedule()
+    ft = step.finetune
+    rounds = []
+    masks: dict[str, torch.Tensor] = {}
+    for r, s in enumerate(schedule, 1):
+        t0 = time.perf_counter()
+        masks = _masks(model, targets, s, step.method, step.scope, batches)
+        pmasks = _apply(targets, masks)
+        tr = finetune(model, batches, steps=ft.steps, lr=ft.lr, loss=ft.loss, teacher=original, masks=pmasks,
+                      temperature=ft.temperature, seed=r)
+        model.eval()
+        entry = {"round": r, "sparsity": _sparsity(masks), "scheduled": s, "training": tr.to_dict(),
+                 "seconds": time.perf_counter() - t0}
+        if evaluate is not None:
+            entry["quality"] = evaluate(model)
+        rounds.append(entry)
+        if report:
+            report(r, len(schedule))
+    rec.details["rounds"] = rounds
+    rec.details["schedule"] = schedule
+    _install_all(model, step, targets, masks, originals, rec, f"{step.method}, {len(schedule)} rounds with "
+                 f"{ft.steps} fine-tuning steps each")
+
+
+def reinitialize(model: nn.Module, seed: int) -> None:
+    """A fresh seeded initialization: every module's reset_parameters() (PyTorch's defaults);
+    1-D weights of modules without one (RMSNorm) to 1, their biases to 0."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
+            m.reset_parameters()
+        elif isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1:
+            with torch.no_grad():
+                m.weight.fill_(1.0)
+                if isinstance(getattr(m, "bias", None), nn.Parameter):
+                    m.bias.zero_()
+
+
+def run_lottery(model: nn.Module, original: nn.Module, step: LotteryTicket, targets: list[Target], batches,
+                rec: StepRecord, report, evaluate=None, seed: int = 0) -> None:
+    targets = _dense_targets(targets, rec)
+    originals = {t.name: t.weight_view().detach().float().clone() for t in targets}
+    schedule = step.schedule()
+    total = (len(schedule) + 1) * step.steps + (step.steps if step.control else 0)
+    done = [0]
+
+    def train(pmasks, steps, callback=None, s=0):
+        tr = finetune(model, batches, steps=steps, lr=step.lr, loss=step.loss, teacher=original, masks=pmasks,
+                      seed=s, callback=callback)
+        model.eval()
+        done[0] += steps
+        if report:
+            report(min(done[0], total), total)
+        return tr
+
+    reinitialize(model, seed)
+    rewind_state = {"state": copy.deepcopy(model.state_dict())} if step.rewind == "init" else {}
+
+    def snapshot(i: int, m: nn.Module) -> None:
+        if step.rewind != "init" and i == step.rewind:
+            rewind_state["state"] = copy.deepcopy(m.state_dict())
+
+    if step.rewind == 0:
+        rewind_state["state"] = copy.deepcopy(model.state_dict())
+    tr = train({}, step.steps, snapshot)
+    rounds = [{"round": 0, "sparsity": 0.0, "training": tr.to_dict(),
+               **({"quality": evaluate(model)} if evaluate else {})}]
+    k = 0 if step.rewind == "init" else step.rewind
+    masks: dict[str, torch.Tensor] = {}
+    for r, s in enumerate(schedule, 1):
+        masks = _masks(model, targets, s, "magnitude", step.scope, batches)
+        model.load_state_dict(rewind_state["state"])
+        pmasks = _apply(targets, masks)
+        tr = train(pmasks, step.steps - k, s=r)
+        rounds.append({"round": r, "sparsity": _sparsity(masks), "training": tr.to_dict(),
+                       **({"quality": evaluate(model)} if evaluate else {})})
+    rec.details["rounds"] = rounds
+    rec.details["rewind"] = step.rewind
+    rec.details["training_steps"] = step.steps + len(schedule) * (step.steps - k)
+    if step.control:
+        rec.details["control"] = _control(model, original, step, targets, masks, batches, evaluate, seed)
+    _install_all(model, step, targets, masks, originals, rec,
+                 f"lottery ticket: {len(schedule)} rounds of {step.per_round:.0%}, rewound to "
+                 f"{'initialization' if step.rewind == 'init' else f'iteration {step.rewind}'}")
+
+
+def _control(model, original, step: LotteryTicket, targets, masks, batches, evaluate, seed: int) -> dict:
+    """The same mask on a different random initialization, trained the same number of steps:
+    the lottery-ticket claim is that the ticket beats it."""
+    twin = copy.deepcopy(model)
+    reinitialize(twin, seed + 1000)
+    named = dict(twin.named_modules())
+    pmasks = {}
+    for t in targets:
+        w = named[t.name].weight
+        pm = _param_mask(t, masks[t.name])
+        with torch.no_grad():
+            w.mul_(pm.to(w.dtype))
+        pmasks[w] = pm
+    k = 0 if step.rewind == "init" else step.rewind
+    tr = finetune(twin, batches, steps=step.steps - k, lr=step.lr, loss=step.loss, teacher=original,
+                  masks=pmasks, seed=len(step.schedule()))
+    twin.eval()
+    out = {"what": "same mask, random re-initialization (seed + 1000), same training", "training": tr.to_dict()}
+    if evaluate is not None:
+        out["quality"] = evaluate(twin)
+    return out
