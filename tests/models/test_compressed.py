@@ -169,3 +169,107 @@ def test_a_bad_conv_entry_is_refused(tmp_path):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="module 4: QuantConv2d entry lacks 'groups'"):
         shrink.load(out)
+
+
+# ----------------------------------------------------------------------------- sparse layers
+
+def _sparse_mlp(seed: int = 0) -> torch.nn.Sequential:
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 10)).eval()
+
+
+def _nm_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    keep = w.abs().reshape(w.shape[0], -1, m).argsort(-1, descending=True).argsort(-1) < n
+    return keep.reshape(w.shape)
+
+
+def _sparsify(model, plan: dict) -> None:
+    """Replace each named Linear/Conv2d by its sparse version (magnitude-pruned to ~80%, or 2:4)."""
+    from shrink.modules import SparseConv2d, SparseLinear
+    from shrink.surgery import replace_module
+
+    for name, layout in plan.items():
+        mod = model.get_submodule(name)
+        w = mod.weight.detach()
+        mat = w.reshape(w.shape[0], -1)
+        mask = _nm_mask(mat) if layout == "nm" else mat.abs() > mat.abs().flatten().kthvalue(int(0.8 * mat.numel())).values
+        nm = {"n": 2, "m": 4} if layout == "nm" else {}
+        if isinstance(mod, torch.nn.Conv2d):
+            new = SparseConv2d.from_conv(mod, mask, layout, **nm)
+        else:
+            new = SparseLinear.from_dense(w, mod.bias, mask, layout, **nm)
+        replace_module(model, name, new)
+
+
+def test_sparse_layers_save_and_reload_bit_exactly(tmp_path):
+    from shrink.modules import SparseConv2d, SparseLinear
+
+    model = _sparse_mlp()
+    _sparsify(model, {"1": "csr", "4": "bitmask", "6": "csr", "8": "nm"})
+    out = save_compressed(model, tmp_path / "m", base={"kind": "builtin", "name": "sparse-mlp"})
+    modules = json.loads((out / "manifest.json").read_text())["modules"]
+    assert modules["8"] == {"type": "SparseLinear", "in_features": 64, "out_features": 32, "layout": "nm",
+                            "nnz": 1024, "n": 2, "m": 4, "bias": False, "dtype": "float32"}
+    assert modules["4"]["layout"] == "bitmask" and modules["4"]["nnz"] == model[4].nnz
+    assert modules["1"]["type"] == "SparseConv2d" and modules["1"]["padding"] == [1, 1] and "10" not in modules
+    again = load_compressed(out, build_builtin=lambda name: _sparse_mlp(seed=1))  # other init: all from the file
+    assert [type(again[i]) for i in (1, 4, 6, 8)] == [SparseConv2d, SparseLinear, SparseLinear, SparseLinear]
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    sd1, sd2 = model.state_dict(), again.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    # the sparse file is far smaller than the dense one
+    dense = 4 * sum(p.numel() for p in _sparse_mlp().parameters())
+    assert (out / "model.safetensors").stat().st_size < 0.45 * dense
+
+
+def test_sparse_layers_in_a_transformers_model_round_trip(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=16)
+    model = BertModel(cfg).eval()
+    _sparsify(model, {"encoder.layer.0.attention.self.query": "bitmask", "encoder.layer.0.intermediate.dense": "csr",
+                      "encoder.layer.1.output.dense": "nm", "encoder.layer.1.attention.output.dense": "csr"})
+    model.encoder.layer[0].intermediate.dense.half().float()  # values dtype survives; still float32
+    out = save_compressed(model, tmp_path / "bert", base={"kind": "hf"})
+    again = load_compressed(out)
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).last_hidden_state, again(input_ids=ids).last_hidden_state)
+    assert type(again.encoder.layer[1].output.dense).__name__ == "SparseLinear"
+    assert again.encoder.layer[1].output.dense.layout == "nm"
+
+
+def test_a_sparse_entry_with_a_wrong_nnz_is_refused(tmp_path):
+    model = _sparse_mlp()
+    _sparsify(model, {"4": "csr", "8": "nm"})
+    out = save_compressed(model, tmp_path / "m", base={"kind": "builtin", "name": "sparse-mlp"})
+    good = json.loads((out / "manifest.json").read_text())
+    bad = json.loads(json.dumps(good))
+    bad["modules"]["4"]["nnz"] += 1
+    (out / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"module 4 \(SparseLinear csr, nnz=\d+\) expects 4.values of shape "
+                                         r"\[\d+\], but model.safetensors holds \[\d+\]"):
+        load_compressed(out, build_builtin=lambda name: _sparse_mlp())
+    bad = json.loads(json.dumps(good))
+    bad["modules"]["8"]["nnz"] = 7
+    (out / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"module 8: SparseLinear: nnz=7 does not match 2:4 on \[32, 64\], which stores .* = 1024"):
+        load_compressed(out, build_builtin=lambda name: _sparse_mlp())
+    bad = json.loads(json.dumps(good))
+    del bad["modules"]["4"]["layout"]
+    bad["modules"]["8"]["dtype"] = "float8"
+    (out / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="module 4: SparseLinear entry lacks 'layout'"):
+        load_compressed(out, build_builtin=lambda name: _sparse_mlp())
+    del bad["modules"]["4"]
+    (out / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="module 8: SparseLinear entry: dtype 'float8' is not one of"):
+        load_compressed(out, build_builtin=lambda name: _sparse_mlp())

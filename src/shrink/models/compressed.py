@@ -5,7 +5,8 @@ DIR/
   model.safetensors   every tensor of the compressed model (packed codes, scales, ...)
   config.json         the base model's Hugging Face config (for transformers models)
   manifest.json       format version, how to build the base, per-module type and spec (a
-                      QuantConv2d also its geometry: kernel, stride, padding, ...), recipe, metrics
+                      QuantConv2d also its geometry: kernel, stride, padding, ...; a SparseLinear
+                      or SparseConv2d its layout, nnz, n:m and dtype), recipe, metrics
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from shrink.fsutil import replace_dir
-from shrink.modules import InputScaled, QuantConv2d, QuantLinear, W8A8Linear
+from shrink.modules import InputScaled, QuantConv2d, QuantLinear, SparseConv2d, SparseLinear, W8A8Linear
 from shrink.quant import QuantSpec
 from shrink.surgery import replace_module
 
@@ -71,6 +72,9 @@ def compressed_modules(model: nn.Module) -> dict[str, dict]:
                          "dilation": list(mod.dilation), "groups": mod.groups, "padding_mode": mod.padding_mode,
                          "bias": mod.bias is not None, "spec": spec_to_dict(mod.spec),
                          "weight_dtype": str(mod.weight_dtype).removeprefix("torch.")}
+            continue
+        if isinstance(mod, (SparseLinear, SparseConv2d)):
+            out[name] = _sparse_entry(mod)
             continue
         scaled = isinstance(mod, InputScaled)
         ql = mod.inner if scaled else mod
@@ -134,6 +138,7 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
         model = build_builtin(base["name"])
     else:
         raise ValueError(f"{where}: cannot rebuild base {base!r}")
+    sparse: dict[str, dict] = {}
     for name, m in (manifest.get("modules") or {}).items():
         if m.get("type") == "W8A8Linear":
             replace_module(model, name, W8A8Linear(int(m["in_features"]), int(m["out_features"]),
@@ -141,6 +146,10 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
             continue
         if m.get("type") == "QuantConv2d":
             replace_module(model, name, _conv_shell(m, f"{where}: module {name}"))
+            continue
+        if m.get("type") in ("SparseLinear", "SparseConv2d"):
+            replace_module(model, name, _sparse_shell(m, f"{where}: module {name}"))
+            sparse[name] = m
             continue
         if m.get("type") != "QuantLinear":
             raise ValueError(f"{where}: module {name} has unknown type {m.get('type')!r}")
@@ -150,6 +159,7 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
         if m.get("input_scaled"):
             shell = InputScaled(shell, torch.ones(int(m["in_features"])))
         replace_module(model, name, shell)
+    _check_sparse_sizes(model, sparse, directory / "model.safetensors", where)
     missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ValueError(f"{directory / 'model.safetensors'}: tensors do not match the manifest "
@@ -167,6 +177,63 @@ def _conv_shell(m: dict, where: str) -> QuantConv2d:
                            weight_dtype=_DTYPES[m.get("weight_dtype", "float32")])
     except KeyError as e:
         raise ValueError(f"{where}: QuantConv2d entry lacks {e} (or names an unknown dtype)") from None
+
+
+def _sparse_entry(mod) -> dict:
+    entry = {"type": type(mod).__name__}
+    if isinstance(mod, SparseConv2d):
+        entry.update({"in_channels": mod.in_channels, "out_channels": mod.out_channels,
+                      "kernel_size": list(mod.kernel_size), "stride": list(mod.stride),
+                      "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
+                      "dilation": list(mod.dilation), "groups": mod.groups, "padding_mode": mod.padding_mode})
+    else:
+        entry.update({"in_features": mod.in_features, "out_features": mod.out_features})
+    return {**entry, "layout": mod.layout, "nnz": mod.nnz, "n": mod.n, "m": mod.m, "bias": mod.bias is not None,
+            "dtype": str(mod.values.dtype).removeprefix("torch.")}
+
+
+def _sparse_shell(m: dict, where: str) -> SparseLinear | SparseConv2d:
+    """An empty SparseLinear / SparseConv2d of a manifest entry's sizes, for load_state_dict to fill."""
+    try:
+        if m.get("dtype") not in _DTYPES:
+            raise ValueError(f"{m['type']} entry: dtype {m.get('dtype')!r} is not one of {', '.join(_DTYPES)}")
+        kw = {"layout": m["layout"], "nnz": int(m["nnz"]), "bias": bool(m["bias"]), "n": m.get("n"),
+              "m": m.get("m"), "dtype": _DTYPES[m["dtype"]]}
+        if m["type"] == "SparseLinear":
+            return SparseLinear(int(m["in_features"]), int(m["out_features"]), **kw)
+        return SparseConv2d(int(m["in_channels"]), int(m["out_channels"]), _geometry(m["kernel_size"]),
+                            stride=_geometry(m["stride"]), padding=_geometry(m["padding"]),
+                            dilation=_geometry(m["dilation"]), groups=int(m["groups"]),
+                            padding_mode=m["padding_mode"], **kw)
+    except KeyError as e:
+        raise ValueError(f"{where}: {m['type']} entry lacks {e}") from None
+    except ValueError as e:  # the constructors' messages name the class and what is wrong
+        raise ValueError(f"{where}: {e}") from None
+    except TypeError as e:
+        raise ValueError(f"{where}: bad {m['type']} entry: {e}") from None
+
+
+def _check_sparse_sizes(model: nn.Module, sparse: dict[str, dict], weights: Path, where: Path) -> None:
+    """Each sparse module's stored tensors in the file have the sizes its manifest entry implies
+    (else load_state_dict would fail with a bare size mismatch)."""
+    if not sparse:
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        keys = set(f.keys())
+        for name, entry in sparse.items():
+            mod = model.get_submodule(name)
+            for tname, t in [("values", mod.values), *mod.named_buffers(recurse=False)]:
+                key = f"{name}.{tname}"
+                if key not in keys:
+                    continue  # reported as missing by the strict load below
+                shape = list(f.get_slice(key).get_shape())
+                if shape != list(t.shape):
+                    raise ValueError(
+                        f"{where}: module {name} ({entry['type']} {entry['layout']}, nnz={entry['nnz']}) expects "
+                        f"{key} of shape {list(t.shape)}, but {weights.name} holds {shape}: the manifest's nnz "
+                        "(or shape) does not match the weights")
 
 
 def _geometry(v):
