@@ -42,7 +42,8 @@ def run_figures(original: nn.Module, compressed: nn.Module, steps: list[StepReco
         grid = grid_of(r, c) if grid_of is not None and w_q is w else None  # grid in the weights' own units
         weights.append({"layer": name, "step": rec.index, "format": fmt,
                         "hist": _hist(w, lo, hi), "hist_after": _hist(w_hat, lo, hi),
-                        "grid": grid, "thresholds": []})
+                        "grid": grid,
+                        "thresholds": _thresholds(w, w_hat) if _is_sparse(compressed.get_submodule(name)) else []})
         if staircase is None:
             staircase = _staircase(name, fmt, w_q, w_hat_q, r, c, group)
     sens = [s for rec in steps for s in rec.details.get("sensitivity", [])]
@@ -149,12 +150,25 @@ def _layer_view(orig: nn.Module, new: nn.Module):
             col = new.input_scale.detach().float().cpu()
         grid_of = lambda r, c: [float(q) * float(scales[r]) for q in range(-127, 128)]  # noqa: E731
         group = w.shape[1]
+    elif callable(getattr(new, "dense_weight", None)):   # a pruned layer stored sparse
+        w_hat_q = new.dense_weight().detach().float().cpu().reshape(w.shape)
+        grid_of, group = None, w.shape[1]
     else:
         return None
     if col is None:
         return w, w_hat_q, w, w_hat_q, grid_of, group
     # y = W' (x * c): the effective weight is W' diag(c), and W' was quantized from W / c
     return w, w_hat_q * col[None, :], w / col[None, :], w_hat_q, grid_of, group
+
+
+def _is_sparse(mod: nn.Module) -> bool:
+    return callable(getattr(mod, "dense_weight", None))
+
+
+def _thresholds(w: torch.Tensor, w_hat: torch.Tensor) -> list[float]:
+    """Pruning's magnitude threshold: the largest |w| that was set to zero (none if nothing was)."""
+    pruned = (w_hat == 0) & (w != 0)
+    return [float(w[pruned].abs().max())] if bool(pruned.any()) else []
 
 
 def _grid_fn(qt: QTensor, cols: int):

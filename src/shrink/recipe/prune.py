@@ -36,7 +36,7 @@ SENSITIVITY_BATCHES = 2
 def run_unstructured(model: nn.Module, step: Prune, targets: list[Target], batches, rec: StepRecord,
                      report) -> None:
     """magnitude / wanda / sparsegpt on `targets` of `model` (in place)."""
-    targets = [t for t in targets if _prunable(t, rec)]
+    targets = [t for t in targets if _prunable(t, rec, step.nm(), explicit=step.include is not None)]
     if step.method == "magnitude" or not targets:
         _magnitude(model, step, targets, batches, rec, report)
         return
@@ -89,7 +89,15 @@ def _layer_scope(step: Prune) -> Prune:
     return dataclasses.replace(step, method="magnitude", scope="layer")
 
 
-def _prunable(t: Target, rec: StepRecord) -> bool:
+def _prunable(t: Target, rec: StepRecord, nm: tuple[int, int] | None = None, explicit: bool = False) -> bool:
+    """Whether the step prunes t; a layer the N:M pattern cannot take is an error when the
+    recipe named it (include:), else skipped with the reason."""
+    if nm is not None and t.in_features % nm[1]:
+        msg = (f"{t.name}: pattern {nm[0]}:{nm[1]} needs in_features divisible by {nm[1]}, got {t.in_features}")
+        if explicit:
+            raise ValueError(f"prune: {msg}; exclude the layer or prune it unstructured")
+        rec.skipped.append({"name": t.name, "reason": msg + "; left dense"})
+        return False
     if t.kind == "conv2d" and t.module.groups != 1:
         rec.skipped.append({"name": t.name, "reason": f"grouped Conv2d (groups={t.module.groups}): "
                                                       "pruning handles ungrouped convolutions"})
@@ -155,7 +163,7 @@ def sensitivity_ratios(model, step: Prune, targets: list[Target], batches, rec: 
         finally:
             t.set_weight(w0)
     alloc = allocate_sparsity(curves, params, step.sparsity)
-    rec.details["sensitivity"] = [{"layer": n, "loss": {f"{k:g}": v for k, v in c.items()},
+    rec.details["prune_sensitivity"] = [{"layer": n, "loss": {f"{k:g}": v for k, v in c.items()},
                                    "sparsity": alloc.ratios[n]} for n, c in curves.items()]
     rec.details["allocation"] = {"target": step.sparsity, "achieved": alloc.achieved, "loss": alloc.loss,
                                  "feasible": alloc.feasible, "note": alloc.note}

@@ -55,7 +55,7 @@ def model_nbytes(model: nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, packed):
             total += mod.nbytes
-            if mod.bias is not None:
+            if mod.bias is not None and not _is_sparse(mod):   # a sparse layer's nbytes has its bias
                 total += mod.bias.numel() * mod.bias.element_size()
             seen.update(t.data_ptr() for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)))
     for mod in model.modules():
@@ -72,7 +72,7 @@ def model_nbytes(model: nn.Module) -> int:
 def model_params(model: nn.Module) -> int:
     """Parameters the model computes with: packed layers count their logical weights
     (out x in; a QuantConv2d's out x in/groups*kh*kw, nn.Conv2d's weight numel) and bias,
-    shared tensors once. A model another runtime runs says its own `stored_params`."""
+    a pruned layer stored sparse its non-zero weights, shared tensors once. A model another runtime runs says its own `stored_params`."""
     stored = getattr(model, "stored_params", None)
     if isinstance(stored, int):
         return stored
@@ -81,7 +81,7 @@ def model_params(model: nn.Module) -> int:
     n = 0
     for mod in model.modules():
         if isinstance(mod, packed):
-            n += mod.in_features * mod.out_features
+            n += mod.nnz if _is_sparse(mod) else _logical(mod)
             if mod.bias is not None and mod.bias.data_ptr() not in seen:
                 n += mod.bias.numel()
             seen.update(t.data_ptr() for t in mod.parameters(recurse=False))
@@ -95,9 +95,19 @@ def model_params(model: nn.Module) -> int:
 def _packed_types() -> tuple[type, ...]:
     from shrink.modules.quant_conv2d import QuantConv2d
     from shrink.modules.quant_linear import QuantLinear
+    from shrink.modules.sparse_conv2d import SparseConv2d
+    from shrink.modules.sparse_linear import SparseLinear
     from shrink.modules.w8a8_linear import W8A8Linear
 
-    return QuantLinear, QuantConv2d, W8A8Linear
+    return QuantLinear, QuantConv2d, W8A8Linear, SparseLinear, SparseConv2d
+
+
+def _is_sparse(mod: nn.Module) -> bool:
+    return callable(getattr(mod, "dense_weight", None)) and hasattr(mod, "nnz")
+
+
+def _logical(mod: nn.Module) -> int:
+    return mod.in_features * mod.out_features
 
 
 def _is_index_buffer(t: torch.Tensor) -> bool:

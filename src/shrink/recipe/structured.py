@@ -18,9 +18,9 @@ from torch import nn
 from shrink.algos.structured import group_scores, keep_indices, neuron_scores
 from shrink.surgery import find_blocks
 from shrink.surgery.capture import call_model
-from shrink.surgery.heads import find_attention, remove_heads
+from shrink.surgery.heads import find_attention, remove_heads, update_config
 from shrink.surgery.select import _compile, _matches, kind_of
-from shrink.surgery.shrink_dims import find_neuron_groups, remove_layers, remove_units, update_config
+from shrink.surgery.shrink_dims import find_neuron_groups, remove_layers, remove_units
 
 from .prune_steps import Prune
 from .records import StepRecord
