@@ -221,3 +221,27 @@ def test_layers_need_calibration_and_a_pattern_that_cannot_fit_is_named(digits):
     assert [s["name"] for s in res.steps[0].skipped] == ["0"] and "divisible" in res.steps[0].skipped[0]["reason"]
     with pytest.raises(ValueError, match="removing every unit"):
         compress(odd, [{"prune": {"method": "neurons", "sparsity": 0.99}}], measure_speed=False)
+
+
+def test_structurally_pruned_models_reload_bit_exactly(digits, llama, tmp_path):
+    from shrink.models.compressed import load_compressed, save_compressed
+    from shrink.models.io import load
+
+    model, batches, _, split = digits
+    res = compress(model, [{"prune": {"method": "neurons", "sparsity": 0.5, "include": ["0"]}},
+                           {"prune": {"method": "wanda", "sparsity": 0.5}}], calibration=batches,
+                   measure_speed=False)
+    save_compressed(res.model, tmp_path / "mlp", base={"kind": "builtin", "name": "digits-mlp"})
+    back = load_compressed(tmp_path / "mlp", build_builtin=load)
+    x = split.x_test[:32]
+    assert torch.equal(back(x), res.model(x))
+
+    lm, lm_batches = llama   # non-uniform: one layer's MLP and all layers' KV groups, then 4-bit
+    res = compress(lm, [{"prune": {"method": "heads", "sparsity": 0.5}},
+                        {"prune": {"method": "neurons", "sparsity": 0.25, "include": ["model.layers.1.*"]}},
+                        {"rtn": {"bits": 4, "group_size": 32}}], calibration=lm_batches, measure_speed=False)
+    save_compressed(res.model, tmp_path / "lm", base={"kind": "hf"})
+    back = load_compressed(tmp_path / "lm")
+    assert back.model.layers[1].mlp.up_proj.out_features == 96
+    assert back.model.layers[0].mlp.up_proj.out_features == 128
+    assert torch.equal(back(**lm_batches[0]).logits, res.model(**lm_batches[0]).logits)

@@ -104,6 +104,9 @@ def save_compressed(model: nn.Module, directory: str | Path, *, base: dict, extr
         save_model(model, str(tmp / "model.safetensors"))
         manifest = {"format": FORMAT, "version": VERSION, "base": base,
                     "modules": compressed_modules(model), **(extra or {})}
+        resized = _resized(model, base, tmp)
+        if resized is not None:
+            manifest["resized"] = resized
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(tmp, directory)
     except BaseException:
@@ -138,6 +141,13 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
         model = build_builtin(base["name"])
     else:
         raise ValueError(f"{where}: cannot rebuild base {base!r}")
+    if manifest.get("resized"):   # structurally pruned: shrink the fresh base to the saved shapes first
+        from shrink.surgery.shapes import apply_resized
+
+        try:
+            apply_resized(model, manifest["resized"])
+        except (ValueError, KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"{where}: cannot rebuild the pruned shapes ({e})") from None
     sparse: dict[str, dict] = {}
     for name, m in (manifest.get("modules") or {}).items():
         if m.get("type") == "W8A8Linear":
@@ -239,6 +249,26 @@ def _check_sparse_sizes(model: nn.Module, sparse: dict[str, dict], weights: Path
 def _geometry(v):
     """A manifest's [a, b] pair as nn.Conv2d takes it; strings ('same', 'valid') as they are."""
     return tuple(v) if isinstance(v, list) else v
+
+
+def _resized(model: nn.Module, base: dict, saved: Path) -> dict | None:
+    """How the model's shapes differ from the base that load_compressed rebuilds (structured
+    pruning: fewer neurons, heads or layers, per layer), or None when they do not. The
+    base: a transformers model built on the meta device from the config saved beside the
+    weights (no memory), or the built-in model of that name."""
+    from shrink.surgery.shapes import resized_modules
+
+    if base.get("kind") == "hf":
+        with torch.device("meta"):
+            ref = _build_hf(saved, base.get("class"))
+    elif base.get("kind") == "builtin":
+        from shrink.models.io import load
+
+        ref = load(base["name"])
+    else:
+        return None
+    desc = resized_modules(model, ref)
+    return desc if any(desc.get(k) for k in ("layers", "modules", "attributes")) else None
 
 
 def _build_hf(directory: Path, class_name: str | None) -> nn.Module:

@@ -140,7 +140,7 @@ def _layer_view(orig: nn.Module, new: nn.Module):
         col, new = new.input_scale.detach().float().cpu(), new.inner
     if isinstance(new, (QuantLinear, QuantConv2d)):
         qt = new.to_qtensor()
-        w_hat_q = qt.dequantize().float().cpu().reshape(w.shape)
+        w_hat_q = qt.dequantize().float().cpu()
         grid_of = _grid_fn(qt, w.shape[1])
         group = qt.layout.group_size if qt.layout.axis == 0 else w.shape[1]
     elif isinstance(new, W8A8Linear):
@@ -151,10 +151,13 @@ def _layer_view(orig: nn.Module, new: nn.Module):
         grid_of = lambda r, c: [float(q) * float(scales[r]) for q in range(-127, 128)]  # noqa: E731
         group = w.shape[1]
     elif callable(getattr(new, "dense_weight", None)):   # a pruned layer stored sparse
-        w_hat_q = new.dense_weight().detach().float().cpu().reshape(w.shape)
+        w_hat_q = new.dense_weight().detach().float().cpu()
         grid_of, group = None, w.shape[1]
     else:
         return None
+    if w_hat_q.numel() != w.numel():   # structured pruning resized it: no before/after pairing
+        return None
+    w_hat_q = w_hat_q.reshape(w.shape)
     if col is None:
         return w, w_hat_q, w, w_hat_q, grid_of, group
     # y = W' (x * c): the effective weight is W' diag(c), and W' was quantized from W / c

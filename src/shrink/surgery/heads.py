@@ -184,8 +184,14 @@ def update_config(model: nn.Module) -> dict:
         arch, heads = attn[0].arch, [(a.num_heads, a.num_kv_heads) for a in attn]
         if arch == "llama":
             if _uniform(heads) and _uniform([a.head_dim for a in attn]):
+                old = (cfg.num_attention_heads, cfg.num_key_value_heads, getattr(cfg, "head_dim", None))
                 cfg.num_attention_heads, cfg.num_key_value_heads = heads[0]
                 cfg.head_dim = attn[0].head_dim
+                why = _invalid(cfg)
+                if why:   # transformers refuses to save it (e.g. hidden_size % num_attention_heads != 0)
+                    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = old
+                    notes.append(f"{heads[0][0]} heads per layer: transformers' config validation refuses it "
+                                 f"({why}); shrink's own directory records the shapes")
             else:
                 notes.append(f"the head count differs by layer ({[h for h, _ in heads]}); "
                              "a config has one num_attention_heads")
@@ -198,6 +204,18 @@ def update_config(model: nn.Module) -> dict:
     if notes:
         return {"config_loadable": False, "reason": "; ".join(notes)}
     return {"config_loadable": True, "reason": "a model built from model.config has this model's shapes"}
+
+
+def _invalid(cfg) -> str | None:
+    """Why transformers' own config validation (run by save_pretrained) rejects cfg, or None."""
+    validate = getattr(cfg, "validate", None)
+    if not callable(validate):
+        return None
+    try:
+        validate()
+    except Exception as e:  # noqa: BLE001 — huggingface_hub raises its own validation error types
+        return str(getattr(e, "__cause__", None) or e).strip().splitlines()[-1]
+    return None
 
 
 def _config_mismatch(model: nn.Module, cfg) -> list[str]:
