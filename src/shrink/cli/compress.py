@@ -54,7 +54,13 @@ def run(args) -> int:
         extra = ""
         if rtn:
             ratio = sum(l["error"] / l["error_rtn"] for l in rtn) / len(rtn)
-            extra = f", output error {ratio:.2f}x RTN's on average"
+            ref = "magnitude pruning's" if next(iter(step["step"])) == "prune" else "RTN's"
+            extra = f", output error {ratio:.2f}x {ref} on average"
+        det = step.get("details") or {}
+        if det.get("params_before"):
+            extra += f", parameters {det['params_before']:,} -> {det['params_after']:,}"
+        if (det.get("training") or {}).get("loss_first") is not None:
+            extra += f", training loss {det['training']['loss_first']:.4g} -> {det['training']['loss_last']:.4g}"
         print(f"step {step['index']} {next(iter(step['step']))}: {len(layers)} layers in {step['seconds']:.1f}s{extra}"
               + (f"; {len(step['skipped'])} modules skipped (see result.json)" if step["skipped"] else ""))
     for w in doc.get("warnings") or []:

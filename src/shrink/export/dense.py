@@ -23,8 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shrink.modules import InputScaled, QuantConv2d, QuantLinear, W8A8Linear
+from shrink.modules import InputScaled, QuantConv2d, QuantLinear, SparseConv2d, SparseLinear, W8A8Linear
 from shrink.surgery import replace_module
+
+# modules an export writes as the plain layer they compute
+COMPRESSED = (InputScaled, QuantLinear, W8A8Linear, QuantConv2d, SparseLinear, SparseConv2d)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,16 @@ def _effective(mod: nn.Module) -> nn.Module | None:
         if mod.input_scale is not None:
             w = w * mod.input_scale.to(torch.float32)[None, :]
         return _linear(w, mod.bias)
+    if isinstance(mod, SparseLinear):   # the runtimes take dense tensors: the zeros are written out
+        return _linear(mod.dense_weight().detach().to(torch.float32), mod.bias)
+    if isinstance(mod, SparseConv2d):
+        conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
+                         padding=mod.padding, dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(mod.dense_weight().detach().to(torch.float32).reshape(conv.weight.shape))
+            if mod.bias is not None:
+                conv.bias.copy_(mod.bias.detach().to(torch.float32))
+        return conv
     if isinstance(mod, QuantConv2d):
         conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
                          padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
@@ -132,7 +145,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     layer computing its effective weight; the input model is not modified."""
     out = copy.deepcopy(model)
     names = [name for name, mod in out.named_modules()
-             if isinstance(mod, (InputScaled, QuantLinear, W8A8Linear, QuantConv2d))]
+             if isinstance(mod, COMPRESSED)]
     done: list[str] = []
     for name in names:
         if any(name.startswith(f"{d}.") for d in done):
@@ -145,4 +158,4 @@ def plain_copy(model: nn.Module) -> nn.Module:
 
 
 def is_compressed(model: nn.Module) -> bool:
-    return any(isinstance(m, (InputScaled, QuantLinear, W8A8Linear, QuantConv2d)) for m in model.modules())
+    return any(isinstance(m, COMPRESSED) for m in model.modules())

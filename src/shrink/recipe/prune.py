@@ -37,6 +37,9 @@ def run_unstructured(model: nn.Module, step: Prune, targets: list[Target], batch
                      report) -> None:
     """magnitude / wanda / sparsegpt on `targets` of `model` (in place)."""
     targets = [t for t in targets if _prunable(t, rec, step.nm(), explicit=step.include is not None)]
+    if not targets:
+        raise ValueError(f"prune: method {step.method} found no dense Linear, Conv1D or Conv2d layer to prune (an "
+                         "earlier step stored them sparse or quantized, or include/exclude matched none)")
     if step.method == "magnitude" or not targets:
         _magnitude(model, step, targets, batches, rec, report)
         return

@@ -102,6 +102,8 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
                 rec.skipped.append({"name": t.name, "reason": why})
         report = (lambda done, total, label=f"step {i} {rec.step and next(iter(rec.step))}":
                   progress(label, done, total)) if progress else None
+        if isinstance(step, Finetune) or getattr(step, "kind", None) == "structured_prune":
+            rec.skipped = []   # they pick no layers by type: nothing was passed over
         if isinstance(step, (Prune, IterativePrune, LotteryTicket, Finetune)):
             _train_or_prune(work, model, step, targets, batches, rec, report, evaluate)
         elif isinstance(step, (RTN, KMeans)):

@@ -36,7 +36,7 @@ def run_finetune(model: nn.Module, original: nn.Module, step: Finetune, batches,
     model.eval()
 
 
-def _dense_targets(targets: list[Target], rec: StepRecord) -> list[Target]:
+def _dense_targets(targets: list[Target], rec: StepRecord, step: str = "iterative_prune") -> list[Target]:
     out = []
     for t in targets:
         if t.kind in ("linear", "conv1d") or (t.kind == "conv2d" and t.module.groups == 1):
@@ -44,6 +44,9 @@ def _dense_targets(targets: list[Target], rec: StepRecord) -> list[Target]:
         else:
             rec.skipped.append({"name": t.name, "reason": f"{t.kind}: iterative pruning trains dense Linear, "
                                                           "Conv1D and ungrouped Conv2d layers"})
+    if not out:
+        raise ValueError(f"{step}: no dense Linear, Conv1D or Conv2d layer left to prune (an earlier step stored "
+                         "them sparse or quantized, or include/exclude matched none); put this step first")
     return out
 
 
@@ -158,7 +161,7 @@ def reinitialize(model: nn.Module, seed: int) -> None:
 
 def run_lottery(model: nn.Module, original: nn.Module, step: LotteryTicket, targets: list[Target], batches,
                 rec: StepRecord, report, evaluate=None, seed: int = 0) -> None:
-    targets = _dense_targets(targets, rec)
+    targets = _dense_targets(targets, rec, "lottery_ticket")
     originals = {t.name: t.weight_view().detach().float().clone() for t in targets}
     schedule = step.schedule()
     total = (len(schedule) + 1) * step.steps + (step.steps if step.control else 0)

@@ -9,6 +9,7 @@ from pathlib import Path
 from shrink.fsutil import write_bytes_atomic
 
 from .deploy import exports_section, plan_section, roofline_section, search_section
+from .pruning import pruning_details
 from .plots import layer_errors, layer_sqnr, sensitivity, staircase, svd_energy, weight_hist
 from .svg import esc, finite
 from .text import DASH, count, figure, joules, mb, num, recipe_text, step_name, table, times, yamlish
@@ -159,12 +160,14 @@ def steps_section(steps) -> str:
                    f"<p><code>{esc(name)}: {esc(opts)}</code> \u2014 {len(layers)} layers"
                    + (f" in {s['seconds']:.2f} s" if finite(s.get("seconds")) else "") + "</p>")
         if layers:
-            out.append(figure("layer-error", layer_errors, layers, idx))
+            out.append(figure("layer-error", layer_errors, layers, idx, pruning=name == "prune"))
             out.append(figure("layer-sqnr", layer_sqnr, layers, idx))
             out.append(f"<details><summary>Per-layer records ({len(layers)})</summary>"
-                       + table(["layer", "shape", "format", "bytes fp32", "bytes stored", "error", "RTN error",
+                       + table(["layer", "shape", "format", "bytes fp32", "bytes stored", "error",
+                                "magnitude error" if name == "prune" else "RTN error",
                                 "SQNR dB", "seconds", "kernel", "note"], _layer_rows(layers), "num layers")
                        + "</details>")
+        out.append(pruning_details(s.get("details")))
         skipped = [k for k in s.get("skipped") or [] if isinstance(k, dict)]
         if skipped:
             items = "".join(f"<li><code>{esc(k.get('name', '?'))}</code>: {esc(k.get('reason', ''))}</li>"

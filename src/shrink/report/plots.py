@@ -49,8 +49,9 @@ def _vals(rows, key) -> list[float]:
     return [r.get(key) for r in rows if finite(r.get(key))]
 
 
-def layer_errors(layers: list[dict], step: int | None = None, cap: int = MAX_BARS) -> Plot:
-    """Bars per layer: the recorded error and, where present, the RTN error it is compared with."""
+def layer_errors(layers: list[dict], step: int | None = None, cap: int = MAX_BARS, pruning: bool = False) -> Plot:
+    """Bars per layer: the recorded error and, where present, the reference it is compared with
+    (RTN for quantization; magnitude pruning at the same sparsity for a pruning step)."""
     rows = [r for r in layers or [] if isinstance(r, dict)]
     vals = _vals(rows, "error") + _vals(rows, "error_rtn")
     if not vals:
@@ -58,7 +59,8 @@ def layer_errors(layers: list[dict], step: int | None = None, cap: int = MAX_BAR
     rows, note = cap_rows(rows, cap, lambda r: r.get("error") if finite(r.get("error")) else float("-inf"))
     series = [("error", "error", PALETTE[0])]
     if _vals(rows, "error_rtn"):
-        series.append(("error_rtn", "RTN error (same layer)", "#9aa3b5"))
+        series.append(("error_rtn", "magnitude pruning (same layer)" if pruning else "RTN error (same layer)",
+                        "#9aa3b5"))
     pos = [v for v in vals if v > 0]
     log = len(pos) == len(vals) and max(pos) / min(pos) > 1e3
     labels = [str(r.get("name", "?")) for r in rows]
@@ -78,8 +80,9 @@ def layer_errors(layers: list[dict], step: int | None = None, cap: int = MAX_BAR
             c.add_legend(label, color)
     return Plot("layer-error", c.svg(), "Error per layer after the step, lower is better: the step's own measure "
                 "(output error on calibration data, or weight MSE without it; see each layer's note)"
-                + ("; grey bars are the same layer rounded to nearest (RTN), for comparison." if len(series) > 1
-                   else ".") + (" Log scale." if log else "") + note)
+                + (("; grey bars are the same layer pruned by magnitude at the same sparsity, for comparison."
+                    if pruning else "; grey bars are the same layer rounded to nearest (RTN), for comparison.")
+                   if len(series) > 1 else ".") + (" Log scale." if log else "") + note)
 
 
 def layer_sqnr(layers: list[dict], step: int | None = None, cap: int = MAX_BARS) -> Plot:
