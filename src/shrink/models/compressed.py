@@ -264,7 +264,10 @@ def _resized(model: nn.Module, base: dict, saved: Path) -> dict | None:
     elif base.get("kind") == "builtin":
         from shrink.models.io import load
 
-        ref = load(base["name"])
+        try:
+            ref = load(base["name"])
+        except (FileNotFoundError, ValueError):   # a caller's own builder: nothing to compare against
+            return None
     else:
         return None
     desc = resized_modules(model, ref)
