@@ -82,3 +82,17 @@ def test_builtin_pruning_recipes_parse():
         steps = parse_recipe(name)
         assert steps == list(BUILTIN[name])
         assert isinstance(steps[0], Prune)
+
+
+def test_search_space_has_pruning_families_and_every_candidate_parses():
+    from shrink.recipe.search import candidate_space
+
+    for space in ("small", "default", "wide"):
+        for calibrated in (True, False):
+            for _, recipe in candidate_space(space, calibrated):
+                steps = parse_recipe(recipe)
+                check_order(steps)          # every candidate is an order the rules accept
+    names = [n for n, _ in candidate_space("default", True)]
+    assert {"prune50-wanda", "prune50-wanda+w4", "2:4-sparsegpt"} <= set(names)
+    assert "prune50-magnitude" in [n for n, _ in candidate_space("default", False)]
+    assert any(n.startswith("heads25") for n, _ in candidate_space("wide", True))

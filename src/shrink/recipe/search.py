@@ -55,11 +55,14 @@ def candidate_space(space: str = "default", calibrated: bool = True) -> list[tup
     """(name, recipe) pairs across the families shrink has: integer precisions and group
     sizes by RTN, GPTQ and AWQ, k-means weight sharing, SmoothQuant W8A8 and mixed-precision
     budgets. Without calibration data (or a model without transformer blocks), only the
-    data-free families. Pruning, low-rank and their orders join when those steps exist."""
+    data-free families. Pruning joins as its own family (Wanda, SparseGPT, 2:4, joint
+    SparseGPT+int4, magnitude without data) and before quantization (prune -> GPTQ); the wide
+    space adds structured removal (heads, layers) before 4-bit. Low-rank joins when it exists."""
     if space not in SPACES:
         raise ValueError(f"--space must be one of {', '.join(SPACES)}, got {space!r}")
     rtn = lambda b, g, sym=False: {"rtn": {"bits": b, "group_size": g, "symmetric": sym}}  # noqa: E731
     gptq = lambda b, g, **kw: {"gptq": {"bits": b, "group_size": g, **kw}}  # noqa: E731
+    prune = lambda method, s: {"prune": {"method": method, "sparsity": s}}  # noqa: E731
     out = [("int8", [rtn(8, None, True)]), ("w4-rtn-g128", [rtn(4, 128)])]
     if calibrated:
         out += [("w4-gptq-g128", [gptq(4, 128)]), ("w3-gptq-g128", [gptq(3, 128)])]
@@ -70,6 +73,14 @@ def candidate_space(space: str = "default", calibrated: bool = True) -> list[tup
                     ("kmeans16", [{"kmeans": {"clusters": 16}}]),
                     ("mixed-3.5", [{"mixed_precision": {"bits_per_weight": 3.5}}]),
                     ("mixed-5.0", [{"mixed_precision": {"bits_per_weight": 5.0}}])]
+            out += [("prune50-wanda", [prune("wanda", 0.5)]), ("prune50-wanda+w4", [prune("wanda", 0.5), gptq(4, 128)]),
+                    ("2:4-sparsegpt", [{"prune": {"method": "sparsegpt", "pattern": "2:4"}}]),
+                    ("prune50-sparsegpt-w4", [{"prune": {"method": "sparsegpt", "sparsity": 0.5, "bits": 4}}])]
+        if space == "wide":
+            out += [("prune30-sparsegpt", [prune("sparsegpt", 0.3)]), ("prune70-sparsegpt", [prune("sparsegpt", 0.7)]),
+                    ("2:4-sparsegpt+w4", [{"prune": {"method": "sparsegpt", "pattern": "2:4"}}, gptq(4, 128)]),
+                    ("heads25+w4", [{"prune": {"method": "heads", "sparsity": 0.25}}, gptq(4, 128)]),
+                    ("layers25+w4", [{"prune": {"method": "layers", "sparsity": 0.25}}, gptq(4, 128)])]
         if space == "wide":
             out += [("w3-rtn-g32", [rtn(3, 32)]), ("w4-gptq-g64-act", [gptq(4, 64, act_order=True)]),
                     ("w2-gptq-g32", [gptq(2, 32)]), ("w4-awq-g32", [{"awq": {"bits": 4, "group_size": 32}}]),
@@ -80,7 +91,8 @@ def candidate_space(space: str = "default", calibrated: bool = True) -> list[tup
         out += [("kmeans16", [{"kmeans": {"clusters": 16}}])]
         if space in ("default", "wide"):
             out += [("w4-rtn-g32", [rtn(4, 32)]), ("w3-rtn-g32", [rtn(3, 32)]), ("w4-rtn-channel", [rtn(4, None)]),
-                    ("kmeans8", [{"kmeans": {"clusters": 8}}])]
+                    ("kmeans8", [{"kmeans": {"clusters": 8}}]), ("prune50-magnitude", [prune("magnitude", 0.5)]),
+                    ("prune50-magnitude+int8", [prune("magnitude", 0.5), rtn(8, None, True)])]
         if space == "wide":
             out += [("w2-rtn-g32", [rtn(2, 32)]), ("w3-rtn-g128", [rtn(3, 128)]), ("kmeans32", [{"kmeans": {"clusters": 32}}]),
                     ("w8-rtn-g128", [rtn(8, 128)]), ("kmeans4", [{"kmeans": {"clusters": 4}}])]
