@@ -4,7 +4,9 @@
 
 One forward pass of the given input is run with hooks on every linear-like
 layer (nn.Linear, transformers' Conv1D, nn.Conv2d and shrink's QuantLinear,
-W8A8Linear, QuantConv2d) to count its multiply-accumulates, and each layer's
+W8A8Linear, QuantConv2d, SparseLinear, SparseConv2d) to count its multiply-accumulates
+(for a sparse layer, those its kernel runs: a CSR product skips the zeros, a dense
+rebuild does not), and each layer's
 stored weight bytes are read once from DRAM. The constants are per-operation
 energies for a 45 nm process (M. Horowitz, "Computing's energy problem",
 ISSCC 2014), the figures the compression literature uses: 640 pJ for a 32-bit
@@ -27,6 +29,8 @@ from torch import nn
 
 from shrink.modules import QuantLinear
 from shrink.modules.quant_conv2d import QuantConv2d
+from shrink.modules.sparse_conv2d import SparseConv2d
+from shrink.modules.sparse_linear import SparseLinear
 from shrink.modules.w8a8_linear import W8A8Linear
 from shrink.surgery.capture import call_model
 
@@ -73,13 +77,17 @@ def energy_estimate(model: nn.Module, batch: Any) -> dict:
 
 
 def _counted(mod: nn.Module) -> bool:
-    if isinstance(mod, (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d, W8A8Linear)):
+    if isinstance(mod, (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d, W8A8Linear, SparseLinear, SparseConv2d)):
         return True
     return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")  # transformers' GPT-2 Conv1D
 
 
 def _macs(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple[int, str]:
-    if isinstance(mod, (nn.Conv2d, QuantConv2d)):
+    if isinstance(mod, SparseLinear):   # MACs the kernel runs: a CSR product skips the zeros, a rebuild does not
+        rows = out.numel() // mod.out_features
+        macs = rows * mod.nnz if mod.kernel.startswith("csr") else out.numel() * mod.in_features
+        return macs, _float_precision(x.dtype)
+    if isinstance(mod, (nn.Conv2d, QuantConv2d, SparseConv2d)):
         kh, kw = mod.kernel_size
         macs = out.numel() * (mod.in_channels // mod.groups) * kh * kw
         precision = _float_precision(mod.weight.dtype if isinstance(mod, nn.Conv2d) else x.dtype)
@@ -98,6 +106,8 @@ def _float_precision(dtype: torch.dtype) -> str:
 
 
 def _stored_bytes(mod: nn.Module) -> int:
+    if isinstance(mod, (SparseLinear, SparseConv2d)):
+        return mod.nbytes   # values, pattern and bias
     if isinstance(mod, (QuantLinear, QuantConv2d, W8A8Linear)):
         n = mod.nbytes
     else:
