@@ -96,11 +96,16 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
 
 
-def resolve_loss(loss: str, model: nn.Module, batch) -> str:
+def resolve_loss(loss: str, model: nn.Module, batch, teacher: nn.Module | None = None) -> str:
+    """auto: distillation when there is a teacher (measured better than next-token loss on a
+    small calibration set, which a causal LM overfits: docs/BENCHMARKS.md, Pruning), else
+    next-token loss for a causal LM."""
     if loss not in LOSSES:
         raise ValueError(f"finetune: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if loss != "auto":
         return loss
+    if teacher is not None:
+        return "distill"
     ids = _token_ids(batch)
     return "lm" if ids is not None and ids.dim() == 2 and _is_causal(model) else "distill"
 
@@ -125,7 +130,7 @@ def finetune(model: nn.Module, batches: Sequence, *, steps: int, lr: float = 1e-
         raise ValueError(f"finetune: lr must be a positive number, got {lr!r}")
     if not batches:
         raise ValueError("finetune: no training batches (give the recipe calibration data)")
-    kind = resolve_loss(loss, model, batches[0])
+    kind = resolve_loss(loss, model, batches[0], teacher)
     if kind == "distill" and teacher is None:
         raise ValueError("finetune: loss 'distill' needs a teacher model (the uncompressed original)")
     if kind == "lm" and _token_ids(batches[0]) is None:
