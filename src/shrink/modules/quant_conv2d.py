@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from shrink.quant import QTensor, QuantSpec, quantize
 from shrink.modules._buffers import fixed_buffers, restore_dtypes
+from shrink.modules._conv import set_conv_geometry
 from shrink.modules._packed import format_name, placeholder_storage, stored_dtype_errors, stored_qtensor
 
 KERNEL = "reference"
@@ -101,28 +102,7 @@ class QuantConv2d(nn.Module):
         return m
 
     def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode):
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"QuantConv2d: {name} must be a positive integer, got {v!r}")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"QuantConv2d: in_channels={in_channels} and out_channels={out_channels} "
-                             f"must both be divisible by groups={groups}")
-        if padding_mode != "zeros":
-            raise ValueError(f"QuantConv2d: padding_mode {padding_mode!r} is not supported, only 'zeros' "
-                             "(other modes pad the input before the conv; leave such a layer unquantized)")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair(kernel_size, "kernel_size", minimum=1)
-        self.stride = _pair(stride, "stride", minimum=1)
-        self.dilation = _pair(dilation, "dilation", minimum=1)
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"QuantConv2d: padding must be 'same', 'valid' or integers, got {padding!r}")
-            if padding == "same" and self.stride != (1, 1):
-                raise ValueError(f"QuantConv2d: padding='same' needs stride 1, got stride={self.stride}")
-            self.padding = padding
-        else:
-            self.padding = _pair(padding, "padding", minimum=0)
-        self.padding_mode = padding_mode
+        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         self.out_features = out_channels
         self.in_features = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
 
@@ -235,10 +215,3 @@ def _check_qtensor_shape(qt: QTensor, m: QuantConv2d) -> None:
         f"QuantConv2d: QTensor of shape {shape} does not match the conv: expected the [out, in/groups*kh*kw] "
         f"matrix {list(m._matrix_shape)} or the weight {list(m.weight_shape)}"
     )
-
-
-def _pair(v, name: str, minimum: int) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v) if isinstance(v, (tuple, list)) else None
-    if pair is None or len(pair) != 2 or any(isinstance(p, bool) or not isinstance(p, int) or p < minimum for p in pair):
-        raise ValueError(f"QuantConv2d: {name} must be an integer >= {minimum} or a pair of them, got {v!r}")
-    return pair

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from shrink.formats.sparse import encode_sparse
+from shrink.modules._conv import set_conv_geometry
 from shrink.modules._sparse import SparseBase, placeholder_stored
 
 KERNEL_REASON = "no sparse conv kernel: the dense weight is rebuilt each call and run through F.conv2d"
@@ -78,25 +79,7 @@ class SparseConv2d(SparseBase):
         return mod
 
     def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode):
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"SparseConv2d: {name} must be a positive integer, got {v!r}")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"SparseConv2d: in_channels={in_channels} and out_channels={out_channels} "
-                             f"must both be divisible by groups={groups}")
-        if padding_mode != "zeros":
-            raise ValueError(f"SparseConv2d: padding_mode {padding_mode!r} is not supported, only 'zeros'")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
-        self.stride = _pair(stride, "stride", 1)
-        self.dilation = _pair(dilation, "dilation", 1)
-        if isinstance(padding, str):
-            if padding not in ("same", "valid") or (padding == "same" and self.stride != (1, 1)):
-                raise ValueError(f"SparseConv2d: padding {padding!r} needs to be 'valid', or 'same' with stride 1")
-            self.padding = padding
-        else:
-            self.padding = _pair(padding, "padding", 0)
-        self.padding_mode = padding_mode
+        set_conv_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         self.out_features = out_channels
         self.in_features = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
 
@@ -122,10 +105,3 @@ class SparseConv2d(SparseBase):
                 f"padding={self.padding!r}, dilation={self.dilation}, groups={self.groups}, "
                 f"bias={self.bias is not None}, layout={self.layout}{nm}, nnz={self.nnz}, "
                 f"sparsity={self.sparsity:.3f}, kernel={self.kernel}")
-
-
-def _pair(v, name: str, minimum: int) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v) if isinstance(v, (tuple, list)) else None
-    if pair is None or len(pair) != 2 or any(isinstance(p, bool) or not isinstance(p, int) or p < minimum for p in pair):
-        raise ValueError(f"SparseConv2d: {name} must be an integer >= {minimum} or a pair of them, got {v!r}")
-    return pair
