@@ -21,3 +21,39 @@ def stdlib_sentences(n: int = 48) -> list[str]:
             if len(out) >= n:
                 return out
     return out
+
+
+# Small transformers models of the three architectures shrink's surgery handles (seeded, random weights).
+
+def n_params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def tiny_llama(**kw):
+    import torch
+    import transformers
+
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, bos_token_id=0, eos_token_id=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **kw})).eval()
+
+
+def tiny_gpt2(**kw):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=1, **kw)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(**kw):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=48, **kw)
+    return transformers.BertModel(cfg).eval()

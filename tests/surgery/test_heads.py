@@ -16,32 +16,9 @@ from shrink.surgery.shrink_dims import find_neuron_groups, remove_layers, remove
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
+from tests_support import n_params, tiny_bert as bert, tiny_gpt2 as gpt2, tiny_llama as llama  # noqa: E402
+
 TOKENS = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def llama(**kw):
-    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=2, bos_token_id=0, eos_token_id=1, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **kw})).eval()
-
-
-def gpt2(**kw):
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                                  bos_token_id=0, eos_token_id=1, **kw)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def bert(**kw):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                  intermediate_size=48, **kw)
-    return transformers.BertModel(cfg).eval()
 
 
 def outputs(m, mask=None):

@@ -17,25 +17,21 @@ from shrink.surgery.shrink_dims import find_neuron_groups, remove_layers, remove
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
+from tests_support import tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
+
 TOKENS = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
 def llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama()
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                                  scale_attn_by_inverse_layer_idx=True)
-    return transformers.GPT2LMHeadModel(cfg)
+    return tiny_gpt2(scale_attn_by_inverse_layer_idx=True)
 
 
 def bert():
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                  intermediate_size=48)
-    return transformers.BertModel(cfg)
+    return tiny_bert()
 
 
 def prune_transformer(model):

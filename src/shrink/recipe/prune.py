@@ -22,10 +22,10 @@ from shrink.formats.sparse import best_layout
 from shrink.modules import SparseLinear
 from shrink.surgery import SequentialRunner, Target, replace_module
 from shrink.surgery.capture import call_model
-from shrink.train.loop import output_tensor
+from shrink.train.loop import has_logits, output_tensor
 
 from .hessians import HessianCollector
-from .install import install, sqnr
+from .install import fmt, install, sqnr
 from .prune_steps import Prune
 from .records import LayerRecord, StepRecord
 
@@ -68,8 +68,6 @@ def run_unstructured(model: nn.Module, step: Prune, targets: list[Target], batch
             err = layer_loss(w, new, h)
             note += f"; error_rtn column = magnitude pruning's error at the same sparsity ({err_ref:.4g})"
             if qt is not None:
-                from .install import fmt
-
                 install(model, t, qt, rec, f"{fmt(step.spec())}+sparse{_level(mask):.0%}", err, err_ref,
                         time.perf_counter() - t0, note + "; jointly quantized (codes stored dense)")
             else:
@@ -150,7 +148,7 @@ def sensitivity_ratios(model, step: Prune, targets: list[Target], batches, rec: 
     sample = list(batches)[:SENSITIVITY_BATCHES]
     with torch.no_grad():
         ref = [output_tensor(call_model(model, b)).float() for b in sample]
-    logits = ref[0].shape[-1] > 1 and _has_logits(model, sample[0])
+    logits = ref[0].shape[-1] > 1 and has_logits(model, sample[0])
     curves: dict[str, dict[float, float]] = {}
     params: dict[str, int] = {}
     for t in targets:
@@ -171,12 +169,6 @@ def sensitivity_ratios(model, step: Prune, targets: list[Target], batches, rec: 
     rec.details["allocation"] = {"target": step.sparsity, "achieved": alloc.achieved, "loss": alloc.loss,
                                  "feasible": alloc.feasible, "note": alloc.note}
     return alloc.ratios
-
-
-def _has_logits(model, batch) -> bool:
-    with torch.no_grad():
-        out = call_model(model, batch)
-    return isinstance(out, torch.Tensor) or getattr(out, "logits", None) is not None
 
 
 def _gap(out: torch.Tensor, ref: torch.Tensor, logits: bool) -> float:
@@ -216,9 +208,7 @@ def install_sparse(model, t: Target, w_new: torch.Tensor, mask: torch.Tensor, st
     if layout == "dense":
         t.set_weight(new_w)
         mod, stored, kernel = t.module, w_orig.numel() * w_orig.element_size(), "dense"
-        mod.shrink_prune_mask = mask if t.kind != "conv1d" else mask.t()   # finetune keeps it
-        if t.kind == "conv2d":
-            mod.shrink_prune_mask = mask.view_as(mod.weight)
+        mod.shrink_prune_mask = param_mask(t, mask)   # finetune keeps the zeros
     else:
         kw = dict(layout=layout, n=nm[0] if layout == "nm" else None, m=nm[1] if layout == "nm" else None)
         if t.kind == "conv2d":
@@ -238,6 +228,11 @@ def install_sparse(model, t: Target, w_new: torch.Tensor, mask: torch.Tensor, st
                                   bytes_fp32=4 * mask.numel(), bytes_stored=int(stored), error=err, error_rtn=err_ref,
                                   sqnr_db=sqnr(w_orig.float(), new_w.float()), seconds=seconds, kernel=kernel,
                                   note=f"{note}; sparsity {sparsity:.4f} ({int((~mask).sum())} of {mask.numel()} zero)"))
+
+
+def param_mask(t: Target, mask: torch.Tensor) -> torch.Tensor:
+    """A [out, in] mask in the layout of the module's own weight parameter (Conv1D [in, out], conv 4-D)."""
+    return mask.t() if t.kind == "conv1d" else mask.reshape(t.module.weight.shape)
 
 
 def _bias_bytes(mod) -> int:

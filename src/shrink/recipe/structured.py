@@ -17,7 +17,7 @@ from torch import nn
 
 from shrink.algos.structured import group_scores, keep_indices, neuron_scores
 from shrink.surgery import find_blocks
-from shrink.surgery.capture import call_model
+from shrink.surgery.capture import run_with_hooks
 from shrink.surgery.heads import find_attention, remove_heads, update_config
 from shrink.surgery.select import _compile, _matches, kind_of
 from shrink.surgery.shrink_dims import find_neuron_groups, remove_layers, remove_units
@@ -110,14 +110,8 @@ def layer_scores(model: nn.Module, batches) -> list[float]:
             counts[i] += cos.numel()
         return fn
 
-    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for b in list(batches)[:MAX_SCORE_BATCHES]:
-                call_model(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, batches, [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)],
+                   MAX_SCORE_BATCHES)
     return [s / max(1, c) for s, c in zip(sums, counts)]
 
 
@@ -135,14 +129,7 @@ def _unit_activations(model: nn.Module, names: list[str], batches) -> dict[str, 
             sq[name] = v if name not in sq else sq[name] + v
         return fn
 
-    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in set(names)]
-    try:
-        with torch.no_grad():
-            for b in list(batches)[:MAX_SCORE_BATCHES]:
-                call_model(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, batches, [mods[n].register_forward_pre_hook(hook(n)) for n in set(names)], MAX_SCORE_BATCHES)
     return {n: v.sqrt() for n, v in sq.items()}
 
 

@@ -16,10 +16,10 @@ from torch import nn
 from shrink.algos.magnitude import global_magnitude_masks, magnitude_mask
 from shrink.algos.wanda import wanda_mask
 from shrink.surgery import Target
-from shrink.surgery.capture import call_model
+from shrink.surgery.capture import run_with_hooks
 from shrink.train.loop import finetune
 
-from .prune import install_sparse
+from .prune import install_sparse, param_mask
 from .prune_steps import Finetune, IterativePrune, LotteryTicket
 from .records import StepRecord
 
@@ -50,13 +50,6 @@ def _dense_targets(targets: list[Target], rec: StepRecord, step: str = "iterativ
     return out
 
 
-def _param_mask(t: Target, mask: torch.Tensor) -> torch.Tensor:
-    """A [out, in] mask in the layout of the module's own weight parameter."""
-    if t.kind == "conv1d":
-        return mask.t()
-    return mask.reshape(t.module.weight.shape)
-
-
 def _masks(model, targets: list[Target], sparsity: float, method: str, scope: str, batches) -> dict[str, torch.Tensor]:
     weights = {t.name: t.weight_view().detach().float() for t in targets}
     if method == "magnitude":
@@ -81,14 +74,7 @@ def _input_norms(model, targets: list[Target], batches) -> dict[str, torch.Tenso
             sq[t.name] = v if t.name not in sq else sq[t.name] + v
         return fn
 
-    handles = [t.module.register_forward_pre_hook(hook(t)) for t in targets]
-    try:
-        with torch.no_grad():
-            for b in list(batches)[:8]:
-                call_model(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, batches, [t.module.register_forward_pre_hook(hook(t)) for t in targets], 8)
     return {n: v.sqrt() for n, v in sq.items()}
 
 
@@ -97,8 +83,8 @@ def _apply(targets: list[Target], masks: dict[str, torch.Tensor]) -> dict[nn.Par
     for t in targets:
         m = masks[t.name]
         with torch.no_grad():
-            t.module.weight.mul_(_param_mask(t, m).to(t.module.weight.dtype))
-        out[t.module.weight] = _param_mask(t, m)
+            t.module.weight.mul_(param_mask(t, m).to(t.module.weight.dtype))
+        out[t.module.weight] = param_mask(t, m)
     return out
 
 
@@ -216,7 +202,7 @@ def _control(model, original, step: LotteryTicket, targets, masks, batches, eval
     pmasks = {}
     for t in targets:
         w = named[t.name].weight
-        pm = _param_mask(t, masks[t.name])
+        pm = param_mask(t, masks[t.name])
         with torch.no_grad():
             w.mul_(pm.to(w.dtype))
         pmasks[w] = pm

@@ -168,6 +168,18 @@ def call_model(model: nn.Module, batch, extra: dict | None = None, *, move: bool
                     f"got {type(batch).__name__}")
 
 
+def run_with_hooks(model: nn.Module, batches, handles: list, limit: int | None = None) -> None:
+    """Run the model without gradients on (the first `limit` of) the batches, for the hooks
+    behind `handles` to observe, then remove the hooks (also on an error)."""
+    try:
+        with torch.no_grad():
+            for b in list(batches)[:limit]:
+                call_model(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def to_device(batch, device: torch.device):
     """A batch (tensor, mapping or tuple of them) with its tensors on `device` (built on the CPU, say)."""
     if isinstance(batch, torch.Tensor):
