@@ -96,3 +96,10 @@ def test_search_space_has_pruning_families_and_every_candidate_parses():
     assert {"prune50-wanda", "prune50-wanda+w4", "2:4-sparsegpt"} <= set(names)
     assert "prune50-magnitude" in [n for n, _ in candidate_space("default", False)]
     assert any(n.startswith("heads25") for n, _ in candidate_space("wide", True))
+
+
+def test_a_scope_the_method_cannot_honour_is_refused():
+    for method in ("wanda", "sparsegpt"):
+        for scope in ("global", "sensitivity"):
+            with pytest.raises(ValueError, match=f"scope {scope} works with magnitude"):
+                parse_recipe([{"prune": {"method": method, "sparsity": 0.5, "scope": scope}}])

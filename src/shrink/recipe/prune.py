@@ -80,14 +80,8 @@ def run_unstructured(model: nn.Module, step: Prune, targets: list[Target], batch
     runner.run(batches, process_block, on_input=coll)
     rest = list(runner.unassigned)
     if rest:  # outside the repeated blocks (e.g. a classifier head): no activations, magnitude
-        _magnitude(model, step if step.scope == "layer" else _layer_scope(step), rest, None, rec, None,
+        _magnitude(model, step, rest, None, rec, None,   # wanda/sparsegpt steps are layer-scoped
                    note="outside the transformer blocks: no activations captured, magnitude pruning")
-
-
-def _layer_scope(step: Prune) -> Prune:
-    import dataclasses
-
-    return dataclasses.replace(step, method="magnitude", scope="layer")
 
 
 def _prunable(t: Target, rec: StepRecord, nm: tuple[int, int] | None = None, explicit: bool = False) -> bool:

@@ -84,7 +84,7 @@ class Prune:
     """One-shot pruning. Unstructured: `sparsity` (a fraction of each layer, or of all of
     them with scope global / sensitivity) or `pattern` "N:M". Structured: `sparsity` is the
     fraction of units removed (neurons or channels of each MLP/conv, heads of each
-    attention, transformer layers of the stack)."""
+    attention, transformer layers of the stack). scope global / sensitivity: magnitude only."""
     method: str = "magnitude"
     sparsity: float | None = None
     pattern: str | None = None
@@ -115,9 +115,10 @@ class Prune:
                              + ("both" if nm is not None else "neither"))
         if self.scope not in SCOPES:
             raise ValueError(f"prune: scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
-        if self.scope != "layer" and (nm is not None or self.method not in ("magnitude", "wanda")):
-            raise ValueError(f"prune: scope {self.scope} works with magnitude or wanda at a sparsity; "
-                             f"{self.method}{' with a pattern' if nm else ''} prunes each layer on its own")
+        if self.scope != "layer" and (nm is not None or self.method != "magnitude"):
+            raise ValueError(f"prune: scope {self.scope} works with magnitude at a sparsity; "
+                             f"{self.method}{' with a pattern' if nm else ''} prunes each layer on its own "
+                             "(Wanda and SparseGPT compare weights within a layer's rows)")
         if self.score not in SCORES:
             raise ValueError(f"prune: score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.storage not in STORAGE:
