@@ -95,7 +95,7 @@ def steps_of(n: int, quick: bool) -> int:
 def sec_quality(args) -> None:
     print("\n## 1. One-shot quality against sparsity (no fine-tune)\n")
     for name in ("digits-mlp", "digits-cnn", "tiny-gpt"):
-        model, batches, metric, _ = prepare(name)
+        model, batches, metric, _, _ = prepare(name)
         base = measure(model, metric, None)
         qname = base["quality"]["name"]
         cols = [*LEVELS, "2:4"]
@@ -143,7 +143,7 @@ def sec_structured(args) -> None:
     rows = []
     lat_rows = []
     for name, method in (("digits-mlp", "neurons"), ("digits-cnn", "channels")):
-        model, batches, metric, _ = prepare(name)
+        model, batches, metric, _, _ = prepare(name)
         base = measure(model, metric, None)
         from shrink.models.digits import digits_data
 
@@ -184,7 +184,7 @@ def sec_structured(args) -> None:
 
 def sec_lottery(args) -> None:
     steps = steps_of(300, args.quick)
-    model, batches, metric, _ = prepare("digits-mlp")
+    model, batches, metric, _, _ = prepare("digits-mlp")
     base = measure(model, metric, None)
     print(f"\n## 3. Lottery ticket on digits-mlp (per_round 0.2, {steps} steps a round, lr 3e-3, control: true)\n")
     print(f"accuracy of the original (the distillation teacher): {fmt_q(base['quality']['value'], 'accuracy')}; "
@@ -260,7 +260,7 @@ def sec_heads(args) -> None:
              "tiny-gpt": [(m, 0.25, ft, n) for m in ("heads", "layers")
                           for ft, n in ((None, None), (lm, None), (distill, None), (lm, 256))]}
     for name, variants in plans.items():
-        model, batches, metric, base_desc = prepare(name)
+        model, batches, metric, base_desc, _ = prepare(name)
         base = measure(model, metric, None)
         qname = base["quality"]["name"]
         probe = latency_probe(batches[0])

@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     args = ap.parse_args()
     for name in args.model or ["minilm", "tiny-gpt"]:
-        model, batches, metric, _ = prepare(name, n_samples=args.samples, seq_len=args.seq_len)
+        model, batches, metric, _, _ = prepare(name, n_samples=args.samples, seq_len=args.seq_len)
         print(f"\n### {name}: {describe(batches)}\n")
         print("| recipe | quality before | after | size MB before | after | error vs RTN (mean per layer) | seconds |")
         print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -20,7 +20,7 @@ from shrink.recipe.records import model_nbytes, model_params
 def mlp():
     from shrink.recipe.job import prepare
 
-    model, batches, _, _ = prepare("digits-mlp")
+    model, batches, _, _, _ = prepare("digits-mlp")
     return model, batches
 
 
@@ -28,7 +28,7 @@ def mlp():
 def cnn():
     from shrink.recipe.job import prepare
 
-    model, batches, _, _ = prepare("digits-cnn")
+    model, batches, _, _, _ = prepare("digits-cnn")
     return model, batches
 
 

@@ -155,13 +155,13 @@ def inspect_model(model_ref: str, *, data: bool = True, seed: int = 0, progress:
     batches = None
     if source == str(model_ref):
         if data:
-            model, batches, _, _ = prepare(model_ref, seed=seed)
+            model, batches, _, _, _ = prepare(model_ref, seed=seed)
         else:
             model = load(model_ref)
     else:
         model = load(model_ref)
         if data and select_modules(model, include_head=True).targets:  # float layers left to measure
-            _, batches, _, _ = prepare(source, seed=seed)
+            _, batches, _, _, _ = prepare(source, seed=seed)
     doc = inspect_module(model, batches, progress=progress)
     if not data and doc["calibration"]["reason"] == "no calibration data":
         doc["calibration"]["reason"] = "calibration skipped (data=False, --no-data)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -35,10 +35,19 @@ def is_causal_lm(model: nn.Module) -> bool:
 PROXY_SAMPLES, PROXY_TOKENS, PROXY_SENTENCES = 16, 4096, 32
 
 
+class Prepared(NamedTuple):
+    model: nn.Module
+    batches: list | None          # calibration batches (model inputs)
+    metric: Callable | None       # quality metric on held-out data
+    base: dict                    # how save_compressed describes the base model
+    train: list | None = None     # labeled training batches where the model has labels (digits)
+
+
 def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_len: int = 128,
             seed: int = 0, proxy: bool = False, eval_source: str | None = None,
-            ) -> tuple[nn.Module, list | None, Callable | None, dict]:
-    """(model, calibration batches, metric, base description for saving).
+            ) -> Prepared:
+    """(model, calibration batches, metric, base description for saving, labeled training
+    batches or None).
 
     eval_source: held-out text to score on instead of the standard-library modules (a .txt
     or .jsonl file): perplexity for a causal LM, embedding fidelity on its lines for an encoder.
@@ -67,14 +76,21 @@ def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_l
         # calibration: the first n_samples * 4 training images (never the test split), batches of 64
         x = split.x_train[: max(64, 4 * n_samples)]
         batches = [x[i:i + 64] for i in range(0, x.shape[0], 64)]
-        return model, batches, accuracy_metric(split.x_test, split.y_test), {"kind": "builtin", "name": name}
+        # training steps (qat, distill, early_exit, finetune with loss ce) learn from the whole
+        # labeled training split
+        from shrink.data.labeled import Labeled
+
+        train = [Labeled(split.x_train[i:i + 64], split.y_train[i:i + 64])
+                 for i in range(0, split.x_train.shape[0], 64)]
+        return Prepared(model, batches, accuracy_metric(split.x_test, split.y_test), {"kind": "builtin", "name": name},
+                        train)
     base = {"kind": "hf"} if getattr(model, "config", None) is not None else {"kind": "builtin", "name": name}
     try:
         tok = load_tokenizer(model_ref)
     except (FileNotFoundError, ValueError, OSError):
         if eval_source is not None:
             raise ValueError(f"--eval {eval_source}: {model_ref} has no tokenizer to read the text with") from None
-        return model, None, None, base
+        return Prepared(model, None, None, base)
     corpus = stdlib_corpus(max_train_chars=2_000_000, max_heldout_chars=400_000)
     source = calib if calib is not None else corpus.train_texts
     held_out = corpus.heldout_texts if eval_source is None else calibration_texts(eval_source)
@@ -92,7 +108,7 @@ def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_l
         eval_sentences = (sentences_from(held_out, n=n_eval) if eval_source is None
                           else _lines(held_out, 4 * n_eval))
         metric = embedding_metric(model, tok, eval_sentences)
-    return model, batches, metric, base
+    return Prepared(model, batches, metric, base)
 
 
 def _lines(texts: list[str], n: int) -> list[str]:
@@ -130,14 +146,15 @@ def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | No
     from shrink.models.compressed import save_compressed
 
     t0 = time.perf_counter() if t0 is None else t0
-    model, batches, metric, base = prepared
+    model, batches, metric, base, train = prepared
     torch.manual_seed(seed)
     if batches is None and any(needs_calibration(s) for s in steps):
         raise ValueError(f"{model_ref}: this model has no text calibration data; use rtn or kmeans steps")
     memory = job_memory(model, steps, batches)
     check_job_fits(memory, available_memory())  # before any step runs
     res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress,
-                                   measure_speed=measure_speed, baseline=baseline, force=force)
+                                   measure_speed=measure_speed, baseline=baseline, force=force, train_data=train,
+                                   seed=seed)
     doc = {"model": str(model_ref), **res.to_json(), "seconds": time.perf_counter() - t0, "seed": seed,
            "device": device, "job_memory": memory, **(extra or {})}
     doc["plan"], doc["roofline"] = plan_section(model, doc["baseline"]["params"], device,
@@ -180,7 +197,7 @@ def evaluate_job(model_ref: str, seed: int = 0, eval_source: str | None = None) 
 
     torch.manual_seed(seed)
     source = source_of(model_ref)
-    reference, batches, metric, _ = prepare(source, seed=seed, eval_source=eval_source)
+    reference, batches, metric, _, _ = prepare(source, seed=seed, eval_source=eval_source)
     model = reference if source == str(model_ref) else load(model_ref)
     probe = latency_probe(batches[0]) if batches else None
     return {"model": str(model_ref), "source_model": source, "eval_source": eval_source,

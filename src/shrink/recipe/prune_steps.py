@@ -4,7 +4,7 @@
           sparsity, pattern: "N:M", scope: layer | global | sensitivity, score: l1 | l2 | activation}
 - iterative_prune: {method, target, rounds | per_round, finetune: {...}}
 - lottery_ticket: {target, per_round, rewind: init | <iteration>, steps}
-- finetune: {steps, lr, loss: auto | lm | distill}
+- finetune: {steps | epochs, lr, loss: auto | lm | distill | ce, batch_size, precision}
 
 Unstructured methods (magnitude, wanda, sparsegpt) zero weights and store the layer
 sparse; structured ones (neurons, channels, heads, layers) remove them and shrink the
@@ -23,7 +23,7 @@ STRUCTURED = ("neurons", "channels", "heads", "layers")
 SCOPES = ("layer", "global", "sensitivity")
 SCORES = ("l1", "l2", "activation")
 STORAGE = ("auto", "bitmask", "csr", "nm", "dense")
-TRAIN_LOSSES = ("auto", "lm", "distill")
+TRAIN_LOSSES = ("auto", "lm", "distill", "ce")
 
 
 def _fraction(step: str, field: str, value, *, allow_none: bool = False) -> None:
@@ -59,24 +59,49 @@ def parse_pattern(step: str, text: str | None) -> tuple[int, int] | None:
 class Finetune:
     """Train the compressed model briefly to recover quality: by default distillation from
     the uncompressed model (loss auto; on tiny-gpt it beat next-token loss on the same 64
-    calibration windows, which overfits them), or next-token loss (lm) on the calibration text."""
+    calibration windows, which overfits them), next-token loss (lm) on the calibration text,
+    or cross-entropy on labels (ce, where the job has labeled training data). `steps` or
+    `epochs` (passes over the training batches; neither: 200 steps); batch_size re-cuts the
+    batches; precision bf16/fp16 trains under autocast (mixed_precision_training: {dtype})."""
     kind: ClassVar[str] = "finetune"
     needs_data: ClassVar[bool] = True
-    steps: int = 200
+    steps: int | None = None
+    epochs: float | None = None
     lr: float = 1e-4
     loss: str = "auto"
     temperature: float = 2.0
+    batch_size: int | None = None
+    precision: str = "fp32"
     include: tuple[str, ...] | None = None   # unused; every step takes them
     exclude: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        _positive_int("finetune", "steps", self.steps)
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
-            raise ValueError(f"finetune: lr must be in (0, 1), got {self.lr!r}")
+        check_training("finetune", self)
         if self.loss not in TRAIN_LOSSES:
             raise ValueError(f"finetune: loss must be one of {', '.join(TRAIN_LOSSES)}, got {self.loss!r}")
         if not self.temperature > 0:
             raise ValueError(f"finetune: temperature must be positive, got {self.temperature!r}")
+
+
+def check_training(name: str, step, default_steps: int = 200) -> None:
+    """The checks every training step shares: steps | epochs (neither: default_steps),
+    lr in (0, 1), batch_size, precision. Sets steps when neither is given."""
+    from shrink.train.amp import PRECISIONS
+
+    if step.steps is not None and step.epochs is not None:
+        raise ValueError(f"{name}: give steps or epochs, not both")
+    if step.steps is None and step.epochs is None:
+        object.__setattr__(step, "steps", default_steps)
+    _positive_int(name, "steps", step.steps, allow_none=True)
+    if step.epochs is not None and (isinstance(step.epochs, bool) or not isinstance(step.epochs, (int, float))
+                                    or not 0 < step.epochs <= 10_000):
+        raise ValueError(f"{name}: epochs must be a positive number, got {step.epochs!r}")
+    if isinstance(step.lr, bool) or not isinstance(step.lr, (int, float)) or not 0 < step.lr < 1:
+        raise ValueError(f"{name}: lr must be in (0, 1), got {step.lr!r}")
+    _positive_int(name, "batch_size", step.batch_size, allow_none=True)
+    if step.precision not in PRECISIONS:
+        raise ValueError(f"{name}: precision must be one of {', '.join(PRECISIONS)} (mixed_precision_training: "
+                         f"{{dtype: bf16}}), got {step.precision!r}")
 
 
 @dataclass(frozen=True)

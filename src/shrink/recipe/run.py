@@ -31,6 +31,8 @@ from .hessians import HessianCollector, gptq_row_groups, hessian_error, row_part
 from .measure import four_ratios, measure
 from .records import LayerRecord, StepRecord
 from .rules import check_order
+from .context import StepContext, run_training_step
+from .train_steps import TRAINING_STEPS, Distill, LoRA
 from .steps import (AWQ, GPTQ, RTN, Finetune, IterativePrune, KMeans, LotteryTicket, MixedPrecision, Prune, SmoothQuant,
                     needs_calibration, parse_recipe, step_to_dict)
 
@@ -54,7 +56,8 @@ class CompressResult:
 def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
              evaluate: Callable[[nn.Module], dict] | None = None, *,
              progress: Progress | None = None, example: Any = None, measure_speed: bool = True,
-             baseline: dict | None = None, force: bool = False) -> CompressResult:
+             baseline: dict | None = None, force: bool = False, train_data: Iterable | None = None,
+             seed: int = 0) -> CompressResult:
     """Compress a copy of `model` with `recipe` (a built-in name, YAML file, or list of steps).
 
     calibration: batches the model accepts (tensors of token ids, dicts of model
@@ -64,6 +67,9 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
     measure_speed=False skips them (no latency or energy in the metrics). baseline: the
     original model's measurement when already taken (search measures it once for all trials).
     force: run an order the recipe rules refuse (recipe/rules.py); metrics["warnings"] says so.
+    train_data: batches the training steps (finetune, qat, distill, lora, early_exit) learn
+    from, Labeled(inputs, labels) where there are labels; default the calibration batches.
+    seed: the training steps' seed (batch order, initializations).
 
     metrics: "baseline" and "compressed" ({"size_bytes", "params", "quality",
     "latency_ms", "latency", "energy"}), "size_reduction", and "ratios" with the
@@ -74,11 +80,12 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
     steps = parse_recipe(recipe)
     warnings = check_order(steps, force=force)
     batches = None if calibration is None else list(calibration)
+    train_batches = None if train_data is None else list(train_data)
     if example is None and batches:
         example = batches[0]
     probe = latency_probe(example) if measure_speed and example is not None else None
     needs = [s for s in steps if needs_calibration(s)]
-    if needs and not batches:
+    if needs and not batches and not (train_batches and all(getattr(s, "needs_data", False) for s in needs)):
         names = ", ".join(sorted({step_to_dict(s).popitem()[0] for s in needs}))
         raise ValueError(f"recipe steps {names} need calibration data (activations or training batches): pass "
                          "calibration= a list of input batches (e.g. 128 sequences of 512 tokens from "
@@ -102,9 +109,13 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
                 rec.skipped.append({"name": t.name, "reason": why})
         report = (lambda done, total, label=f"step {i} {rec.step and next(iter(rec.step))}":
                   progress(label, done, total)) if progress else None
-        if isinstance(step, Finetune) or getattr(step, "kind", None) == "structured_prune":
+        if isinstance(step, (Finetune, Distill, LoRA)) or getattr(step, "kind", None) == "structured_prune":
             rec.skipped = []   # they pick no layers by type: nothing was passed over
-        if isinstance(step, (Prune, IterativePrune, LotteryTicket, Finetune)):
+        if isinstance(step, TRAINING_STEPS + (Finetune,)):
+            ctx = StepContext(original=model, calibration=batches, train_data=train_batches, evaluate=evaluate,
+                              seed=seed, report=report)
+            work = run_training_step(work, step, targets, ctx, rec)
+        elif isinstance(step, (Prune, IterativePrune, LotteryTicket)):
             _train_or_prune(work, model, step, targets, batches, rec, report, evaluate)
         elif isinstance(step, (RTN, KMeans)):
             _data_free(work, step, targets, rec, report)
@@ -129,14 +140,12 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
 # ---------------------------------------------------------------- steps
 
 def _train_or_prune(work, original, step, targets, batches, rec: StepRecord, report, evaluate) -> None:
-    """Pruning and training steps (recipe/prune.py, structured.py, training.py)."""
+    """Pruning steps (recipe/prune.py, structured.py, training.py)."""
     from .prune import run_unstructured
     from .structured import run_structured
-    from .training import run_finetune, run_iterative, run_lottery
+    from .training import run_iterative, run_lottery
 
-    if isinstance(step, Finetune):
-        run_finetune(work, original, step, batches, rec, report)
-    elif isinstance(step, IterativePrune):
+    if isinstance(step, IterativePrune):
         run_iterative(work, original, step, targets, batches, rec, report, evaluate)
     elif isinstance(step, LotteryTicket):
         run_lottery(work, original, step, targets, batches, rec, report, evaluate)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Union
 from shrink.quant import QuantSpec
 
 from .prune_steps import Finetune, IterativePrune, LotteryTicket, Prune
+from .train_steps import QAT, Distill, EarlyExit, LoRA, LowRank
 
 OBSERVERS = ("minmax", "percentile", "mse")
 
@@ -164,11 +165,14 @@ class MixedPrecision:
         return _spec(8, None, True) if bits == 8 else _spec(bits, self.group_size, False)
 
 
-Step = Union[RTN, GPTQ, AWQ, KMeans, SmoothQuant, MixedPrecision, Prune, IterativePrune, LotteryTicket, Finetune]
+Step = Union[RTN, GPTQ, AWQ, KMeans, SmoothQuant, MixedPrecision, Prune, IterativePrune, LotteryTicket, Finetune,
+             QAT, Distill, LowRank, LoRA, EarlyExit]
 STEP_TYPES: dict[str, type] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "kmeans": KMeans,
                                "smoothquant": SmoothQuant, "mixed_precision": MixedPrecision,
                                "prune": Prune, "iterative_prune": IterativePrune,
-                               "lottery_ticket": LotteryTicket, "finetune": Finetune}
+                               "lottery_ticket": LotteryTicket, "finetune": Finetune,
+                               "qat": QAT, "distill": Distill, "lowrank": LowRank, "lora": LoRA,
+                               "early_exit": EarlyExit}
 NEEDS_CALIBRATION = (GPTQ, AWQ, SmoothQuant, MixedPrecision)
 
 
@@ -226,6 +230,8 @@ def _parse_step(index: int, item: Any):
     if not isinstance(opts, dict):
         raise ValueError(f"recipe step {index} ({name}): options must be a mapping, got {opts!r}")
     known = {f.name: f for f in fields(cls)}
+    if "mixed_precision_training" in opts and "precision" in known:
+        opts = _mixed_precision_option(index, name, opts)
     for key in opts:
         if key not in known:
             raise ValueError(f"recipe step {index} ({name}): unknown field {key!r}; fields are {', '.join(known)}")
@@ -239,14 +245,47 @@ def _parse_step(index: int, item: Any):
         raise ValueError(f"recipe step {index} ({name}): {msg}") from None
 
 
+def _mixed_precision_option(index: int, name: str, opts: dict) -> dict:
+    """`mixed_precision_training: {dtype: bf16}` (the issue's spelling) -> precision: bf16."""
+    opts = dict(opts)
+    value = opts.pop("mixed_precision_training")
+    dtype = value.get("dtype") if isinstance(value, dict) and set(value) <= {"dtype"} else None
+    if dtype is None and value not in (None, False):
+        raise ValueError(f"recipe step {index} ({name}): mixed_precision_training must be {{dtype: bf16}} or "
+                         f"{{dtype: fp16}}, got {value!r}")
+    if "precision" in opts and dtype is not None and opts["precision"] != dtype:
+        raise ValueError(f"recipe step {index} ({name}): precision {opts['precision']!r} and "
+                         f"mixed_precision_training dtype {dtype!r} disagree; give one")
+    if dtype is not None:
+        opts["precision"] = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+    return opts
+
+
 def _coerce(index: int, step: str, key: str, value: Any, field: dataclasses.Field):
     default = field.default
     where = f"recipe step {index} ({step}): field {key!r}"
+    if key in ("steps", "epochs", "batch_size", "act_bits", "alpha", "energy", "rank", "keep", "hidden_loss",
+               "student", "exits", "targets", "base_bits", "group_size") and value is None:
+        return None
+    if key == "student":
+        if isinstance(value, (str, dict)):
+            return value
+        raise ValueError(f"{where} must be {{width: 0.5}}, {{layers: [0, 2]}} or a path, got {value!r}")
+    if key in ("exits", "targets"):
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return tuple(value)
+    if key in ("epochs", "energy", "keep", "alpha") and not isinstance(value, bool) and isinstance(value, int):
+        return float(value)
     if key == "candidates":
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ValueError(f"{where} must be a list of bit widths, e.g. [2, 3, 4, 8]")
         return tuple(value)
     if key in ("bits_per_weight", "max_bytes", "sparsity", "pattern", "rounds", "per_round", "bits") and value is None:
+        return None
+    if key == "finetune" and value is None:
         return None
     if key == "finetune":
         if isinstance(value, Finetune):

@@ -19,21 +19,23 @@ from shrink.surgery import Target
 from shrink.surgery.capture import run_with_hooks
 from shrink.train.loop import finetune
 
+from .context import StepContext
 from .prune import install_sparse, param_mask
 from .prune_steps import Finetune, IterativePrune, LotteryTicket
 from .records import StepRecord
 
 
-def run_finetune(model: nn.Module, original: nn.Module, step: Finetune, batches, rec: StepRecord, report,
-                 evaluate=None) -> None:
+def run_finetune(model: nn.Module, step: Finetune, ctx: StepContext, rec: StepRecord) -> nn.Module:
     masks = {m.weight: m.shrink_prune_mask for m in model.modules()
              if getattr(m, "shrink_prune_mask", None) is not None and isinstance(getattr(m, "weight", None),
                                                                                  nn.Parameter)}
-    tr = finetune(model, batches, steps=step.steps, lr=step.lr, loss=step.loss, teacher=original, masks=masks,
-                  temperature=step.temperature, progress=report)
+    tr = finetune(model, ctx.batches(step.batch_size, "finetune"), steps=step.steps, epochs=step.epochs, lr=step.lr,
+                  loss=step.loss, teacher=ctx.original, masks=masks, temperature=step.temperature,
+                  progress=ctx.report, seed=ctx.seed, precision=step.precision)
     rec.details["training"] = tr.to_dict()
     rec.details["masked_layers"] = len(masks)
     model.eval()
+    return model
 
 
 def _dense_targets(targets: list[Target], rec: StepRecord, step: str = "iterative_prune") -> list[Target]:
@@ -115,8 +117,8 @@ def run_iterative(model: nn.Module, original: nn.Module, step: IterativePrune, t
         t0 = time.perf_counter()
         masks = _masks(model, targets, s, step.method, step.scope, batches)
         pmasks = _apply(targets, masks)
-        tr = finetune(model, batches, steps=ft.steps, lr=ft.lr, loss=ft.loss, teacher=original, masks=pmasks,
-                      temperature=ft.temperature, seed=r)
+        tr = finetune(model, batches, steps=ft.steps, epochs=ft.epochs, lr=ft.lr, loss=ft.loss, teacher=original,
+                      masks=pmasks, temperature=ft.temperature, seed=r, precision=ft.precision)
         model.eval()
         entry = {"round": r, "sparsity": _sparsity(masks), "scheduled": s, "training": tr.to_dict(),
                  "seconds": time.perf_counter() - t0}
@@ -127,8 +129,8 @@ def run_iterative(model: nn.Module, original: nn.Module, step: IterativePrune, t
             report(r, len(schedule))
     rec.details["rounds"] = rounds
     rec.details["schedule"] = schedule
-    _install_all(model, step, targets, masks, originals, rec, f"{step.method}, {len(schedule)} rounds with "
-                 f"{ft.steps} fine-tuning steps each")
+    _install_all(model, step, targets, masks, originals, rec, f"{step.method}, {len(schedule)} rounds with " +
+                 (f"{ft.steps} fine-tuning steps each" if ft.steps else f"{ft.epochs:g} fine-tuning epochs each"))
 
 
 def reinitialize(model: nn.Module, seed: int) -> None:

@@ -53,7 +53,7 @@ def _prepared(task: dict):
         _CACHE.clear()  # one model at a time per worker
         torch.manual_seed(task["seed"])
         prepared = prepare(task["model"], seed=task["seed"], proxy=proxy)
-        model, batches, metric, _ = prepared
+        model, batches, metric, _, _ = prepared
         probe = latency_probe(batches[0]) if batches else None
         _CACHE[key] = (prepared, measure(model, metric, None), probe)
     return _CACHE[key]

@@ -1,4 +1,4 @@
-"""Training loops: fine-tuning after compression (distillation and QAT build on it)."""
-from shrink.train.loop import TrainRecord, distill_loss, finetune, lm_loss, output_tensor
-
-__all__ = ["TrainRecord", "distill_loss", "finetune", "lm_loss", "output_tensor"]
+"""Training loops: the shared engine (engine.py), fine-tuning (loop.py), mixed precision (amp.py)."""
+from shrink.train.amp import LossScaler
+from shrink.train.engine import TrainOptions, TrainRecord, train
+from shrink.train.loop import distill_loss, finetune, lm_loss, output_tensor

@@ -1,12 +1,13 @@
 """Fine-tuning: a short training loop that recovers the quality a compression step cost.
 
-Two training signals, both needing only the calibration inputs a recipe already has:
+Three training signals; the first two need only the calibration inputs a recipe has:
 
 - "lm": next-token cross-entropy on the batches' own tokens (causal LMs);
 - "distill": match a teacher (the uncompressed model): KL divergence between the
   temperature-softened output distributions for models that output logits
   (classifiers, LMs), mean squared error on the last hidden states for encoders.
-  No labels are needed, so a classifier calibrated on unlabeled images recovers too.
+  No labels are needed, so a classifier calibrated on unlabeled images recovers too;
+- "ce": cross-entropy on the labels of Labeled(inputs, labels) batches (classifiers).
 
 Pruned weights stay pruned: `masks` (parameter -> bool mask, True = kept) are applied to
 the gradients and re-applied after every optimizer step; SparseLinear modules train only
@@ -15,35 +16,19 @@ their stored values, so their pattern cannot change.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shrink.data.labeled import split_batch
 from shrink.surgery.capture import call_model
 
+from .engine import TrainOptions, TrainRecord, train
+
 Progress = Callable[[int, int], None]
-LOSSES = ("auto", "lm", "distill")
-
-
-@dataclass
-class TrainRecord:
-    steps: int
-    loss: str
-    lr: float
-    losses: list[float] = field(default_factory=list)   # one per step
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        n = max(1, len(self.losses) // 10)
-        head, tail = self.losses[:n], self.losses[-n:]
-        return {"steps": self.steps, "loss": self.loss, "lr": self.lr, "seconds": self.seconds,
-                "loss_first": sum(head) / len(head) if head else None,
-                "loss_last": sum(tail) / len(tail) if tail else None,
-                "curve": self.losses[:: max(1, len(self.losses) // 50)]}
+LOSSES = ("auto", "lm", "distill", "ce")
 
 
 def output_tensor(out) -> torch.Tensor:
@@ -62,12 +47,14 @@ def output_tensor(out) -> torch.Tensor:
 
 
 def has_logits(model: nn.Module, batch) -> bool:
+    batch, _ = split_batch(batch)
     with torch.no_grad():
         out = call_model(model, batch)
     return isinstance(out, torch.Tensor) or getattr(out, "logits", None) is not None
 
 
 def _token_ids(batch) -> torch.Tensor | None:
+    batch, _ = split_batch(batch)
     if isinstance(batch, torch.Tensor) and not batch.is_floating_point():
         return batch
     if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
@@ -97,7 +84,8 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 
 def resolve_loss(loss: str, model: nn.Module, batch, teacher: nn.Module | None = None) -> str:
-    """auto: distillation when there is a teacher (measured better than next-token loss on a
+    """auto: distillation when there is a teacher, else cross-entropy on the labels of
+    Labeled batches, else next-token loss for a causal LM. Distillation is preferred (measured better than next-token loss on a
     small calibration set, which a causal LM overfits: docs/BENCHMARKS.md, Pruning), else
     next-token loss for a causal LM."""
     if loss not in LOSSES:
@@ -106,6 +94,8 @@ def resolve_loss(loss: str, model: nn.Module, batch, teacher: nn.Module | None =
         return loss
     if teacher is not None:
         return "distill"
+    if split_batch(batch)[1] is not None:
+        return "ce"
     ids = _token_ids(batch)
     return "lm" if ids is not None and ids.dim() == 2 and _is_causal(model) else "distill"
 
@@ -116,15 +106,42 @@ def _is_causal(model: nn.Module) -> bool:
     return hasattr(model, "generation_config") or any("CausalLM" in a or "LMHead" in a for a in archs)
 
 
-def finetune(model: nn.Module, batches: Sequence, *, steps: int, lr: float = 1e-4, loss: str = "auto",
-             teacher: nn.Module | None = None, masks: dict[nn.Parameter, torch.Tensor] | None = None,
-             temperature: float = 2.0, weight_decay: float = 0.0, progress: Progress | None = None,
-             seed: int = 0, callback: Callable[[int, nn.Module], None] | None = None) -> TrainRecord:
-    """Train `model` in place for `steps` optimizer steps over `batches` (cycled, in a seeded
-    order), AdamW with a cosine decay to 10% of lr after a 5% warm-up. loss="distill" needs a
-    teacher (kept frozen, in eval mode). callback(step, model) runs after each optimizer step
-    (e.g. to snapshot the weights a lottery ticket rewinds to). Returns the per-step losses."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+
+
+def make_loss(kind: str, teacher: nn.Module | None = None, temperature: float = 2.0,
+              teacher_logits: bool = True) -> Callable[[nn.Module, object], torch.Tensor]:
+    """loss_fn(model, batch) for the engine: "lm", "ce" or "distill"."""
+    def fn(model: nn.Module, batch) -> torch.Tensor:
+        inputs, labels = split_batch(batch)
+        out = output_tensor(call_model(model, inputs))
+        if kind == "lm":
+            ids = _token_ids(inputs).to(out.device)
+            am = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+            return lm_loss(out, ids, None if am is None else am.to(out.device))
+        if kind == "ce":
+            return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), labels.to(out.device).reshape(-1))
+        with torch.no_grad():
+            ref = output_tensor(call_model(teacher, inputs))
+        return distill_loss(out, ref, temperature, logits=teacher_logits)
+    return fn
+
+
+def finetune(model: nn.Module, batches: Sequence, *, steps: int | None = None, epochs: float | None = None,
+             lr: float = 1e-4, loss: str = "auto", teacher: nn.Module | None = None,
+             masks: dict[nn.Parameter, torch.Tensor] | None = None, temperature: float = 2.0,
+             weight_decay: float = 0.0, progress: Progress | None = None, seed: int = 0,
+             callback: Callable[[int, nn.Module], None] | None = None, precision: str = "fp32",
+             evaluate=None, patience: int | None = None, eval_every: int | None = None,
+             checkpoint: str | None = None, resume: bool = False) -> TrainRecord:
+    """Train `model` in place for `steps` optimizer steps (or `epochs` passes) over `batches`
+    with the shared loop (train/engine.py: AdamW, warm-up then cosine decay to 10% of lr,
+    seeded batch order, optional mixed precision, evaluation, early stop, checkpoints).
+    loss="distill" needs a teacher (kept frozen, in eval mode); "ce" needs Labeled batches.
+    callback(step, model) runs after each optimizer step (e.g. to snapshot the weights a
+    lottery ticket rewinds to)."""
+    if steps is None and epochs is None:
+        raise ValueError("finetune: give steps or epochs")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"finetune: steps must be a positive integer, got {steps!r}")
     if not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"finetune: lr must be a positive number, got {lr!r}")
@@ -135,61 +152,18 @@ def finetune(model: nn.Module, batches: Sequence, *, steps: int, lr: float = 1e-
         raise ValueError("finetune: loss 'distill' needs a teacher model (the uncompressed original)")
     if kind == "lm" and _token_ids(batches[0]) is None:
         raise ValueError("finetune: loss 'lm' needs batches of token ids (input_ids)")
+    if kind == "ce" and split_batch(batches[0])[1] is None:
+        raise ValueError("finetune: loss 'ce' needs labeled batches (Labeled(inputs, labels))")
     teacher_logits = kind == "distill" and has_logits(teacher, batches[0])
-    params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
-    if not params:
-        raise ValueError("finetune: the model has no trainable floating-point parameters "
-                         "(quantized layers train with QAT, not finetune)")
-    masks = {p: m.to(p.device) for p, m in (masks or {}).items()}
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    rec = TrainRecord(steps=steps, loss=kind, lr=lr)
-    was_training = model.training
+    options = TrainOptions(steps=steps, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
+                           precision=precision, eval_every=eval_every, patience=patience,
+                           checkpoint=None if checkpoint is None else str(checkpoint), resume=resume)
     teacher_training = teacher is not None and teacher.training
-    model.train()
     if teacher is not None:
         teacher.eval()
-    t0 = time.perf_counter()
     try:
-        for step in range(steps):
-            if not order:
-                order = torch.randperm(len(batches), generator=gen).tolist()
-            batch = batches[order.pop()]
-            out = output_tensor(call_model(model, batch))
-            if kind == "lm":
-                ids = _token_ids(batch).to(out.device)
-                am = batch.get("attention_mask") if isinstance(batch, dict) else None
-                value = lm_loss(out, ids, None if am is None else am.to(out.device))
-            else:
-                with torch.no_grad():
-                    ref = output_tensor(call_model(teacher, batch))
-                value = distill_loss(out, ref, temperature, logits=teacher_logits)
-            if not torch.isfinite(value):
-                raise FloatingPointError(f"finetune: the loss became {float(value)} at step {step + 1}; "
-                                         f"lower lr (now {lr:g})")
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            for p, m in masks.items():
-                if p.grad is not None:
-                    p.grad.mul_(m)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for p, m in masks.items():
-                    p.mul_(m)
-            rec.losses.append(float(value.detach()))
-            if callback:
-                callback(step + 1, model)
-            if progress:
-                progress(step + 1, steps)
+        return train(model, batches, make_loss(kind, teacher, temperature, teacher_logits), options,
+                     masks=masks, progress=progress, callback=callback, evaluate=evaluate, label=kind)
     finally:
-        model.train(was_training)
         if teacher is not None:
             teacher.train(teacher_training)
-    rec.seconds = time.perf_counter() - t0
-    return rec
