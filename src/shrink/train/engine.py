@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -158,6 +159,7 @@ def train(model: nn.Module, batches: Sequence, loss_fn: LossFn, options: TrainOp
     best: tuple[float, int, dict] | None = None   # (score, step, state)
     bad_evals = 0
     start = 0
+    torch_rng = None
     ckpt = Path(options.checkpoint) if options.checkpoint else None
     if options.resume and ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
@@ -170,7 +172,7 @@ def train(model: nn.Module, batches: Sequence, loss_fn: LossFn, options: TrainOp
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        torch_rng = state["torch_rng"]
         order = list(state["order"])
         rec.losses = list(state["losses"])
         rec.evaluations = list(state["evaluations"])
@@ -182,64 +184,72 @@ def train(model: nn.Module, batches: Sequence, loss_fn: LossFn, options: TrainOp
     was_training = model.training
     model.train()
     t0 = time.perf_counter()
-    try:
-        for step in range(start, steps):
-            if not order:
-                order = torch.randperm(len(batches), generator=gen).tolist()
-            batch = batches[order.pop()]
-            with autocast(options.precision, device):
-                value = loss_fn(model, batch)
-            if not torch.isfinite(value) and not scaler.enabled:
-                raise FloatingPointError(f"{label}: the loss became {float(value)} at step {step + 1}; lower lr "
-                                         f"(now {options.lr:g})")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(value.float()).backward()
-            for p, m in masks.items():
-                if p.grad is not None:
-                    p.grad.mul_(m)
-            ok = scaler.unscale(params) and bool(torch.isfinite(value))
-            if ok:
-                if options.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
-                opt.step()
-            scaler.update(not ok)
-            sched.step()
-            if masks:
-                with torch.no_grad():
-                    for p, m in masks.items():
-                        p.mul_(m)
-            rec.losses.append(float(value.detach()))
-            done = step + 1
-            if callback:
-                callback(done, model)
-            if evaluate is not None and (done % eval_every == 0 or done == steps):
-                model.eval()
-                with torch.no_grad():
-                    score, higher = _metric_value(evaluate(model))
-                model.train()
-                rec.evaluations.append({"step": done, "value": score})
-                key = score if higher else -score
-                if best is None or key > best[0]:
-                    best = (key, done, {k: v.detach().clone() for k, v in model.state_dict().items()})
-                    bad_evals = 0
-                else:
-                    bad_evals += 1
-                if options.patience is not None and bad_evals >= options.patience:
-                    rec.stopped_early = True
-            if ckpt is not None and (done % options.checkpoint_every == 0 or done == steps or rec.stopped_early):
-                _save_checkpoint(ckpt, {
-                    "steps": steps, "n_params": len(params), "step": done, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "order": list(order),
-                    "losses": rec.losses, "evaluations": rec.evaluations, "bad_evals": bad_evals,
-                    "best_score": None if best is None else best[0], "best_step": None if best is None else best[1],
-                    "best_state": None if best is None else best[2]})
-            if progress:
-                progress(done, steps)
-            if rec.stopped_early:
-                break
-    finally:
-        model.train(was_training)
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with rng:   # dropout and other random layers draw from a generator seeded here; the caller's is untouched
+        if torch_rng is None:
+            torch.manual_seed(options.seed)
+        else:
+            torch.set_rng_state(torch_rng)
+        try:
+            for step in range(start, steps):
+                if not order:
+                    order = torch.randperm(len(batches), generator=gen).tolist()
+                batch = batches[order.pop()]
+                with autocast(options.precision, device):
+                    value = loss_fn(model, batch)
+                if not torch.isfinite(value) and not scaler.enabled:
+                    raise FloatingPointError(f"{label}: the loss became {float(value)} at step {step + 1}; lower lr "
+                                             f"(now {options.lr:g})")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(value.float()).backward()
+                for p, m in masks.items():
+                    if p.grad is not None:
+                        p.grad.mul_(m)
+                ok = scaler.unscale(params) and bool(torch.isfinite(value))
+                if ok:
+                    if options.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
+                    opt.step()
+                scaler.update(not ok)
+                with warnings.catch_warnings():   # a skipped fp16 step still advances the schedule
+                    warnings.simplefilter("ignore", UserWarning)
+                    sched.step()
+                if masks:
+                    with torch.no_grad():
+                        for p, m in masks.items():
+                            p.mul_(m)
+                rec.losses.append(float(value.detach()))
+                done = step + 1
+                if callback:
+                    callback(done, model)
+                if evaluate is not None and (done % eval_every == 0 or done == steps):
+                    model.eval()
+                    with torch.no_grad():
+                        score, higher = _metric_value(evaluate(model))
+                    model.train()
+                    rec.evaluations.append({"step": done, "value": score})
+                    key = score if higher else -score
+                    if best is None or key > best[0]:
+                        best = (key, done, {k: v.detach().clone() for k, v in model.state_dict().items()})
+                        bad_evals = 0
+                    else:
+                        bad_evals += 1
+                    if options.patience is not None and bad_evals >= options.patience:
+                        rec.stopped_early = True
+                if ckpt is not None and (done % options.checkpoint_every == 0 or done == steps or rec.stopped_early):
+                    _save_checkpoint(ckpt, {
+                        "steps": steps, "n_params": len(params), "step": done, "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "order": list(order),
+                        "losses": rec.losses, "evaluations": rec.evaluations, "bad_evals": bad_evals,
+                        "best_score": None if best is None else best[0], "best_step": None if best is None else best[1],
+                        "best_state": None if best is None else best[2]})
+                if progress:
+                    progress(done, steps)
+                if rec.stopped_early:
+                    break
+        finally:
+            model.train(was_training)
     if best is not None and options.patience is not None:
         model.load_state_dict(best[2])   # early stopping keeps the best evaluated weights
     rec.best_step = None if best is None else best[1]
