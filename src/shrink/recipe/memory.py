@@ -37,7 +37,8 @@ def job_memory(model: nn.Module, steps: list, batches: list | None) -> dict:
             hess = per_block or (4 * max(widths, default=0) ** 2)
             parts.append(f"one block's Hessians {hess:,} B")
     train = 0
-    if any(getattr(s, "kind", None) == "finetune" or getattr(s, "trains", False) for s in steps):
+    if any(getattr(s, "kind", None) == "finetune" or getattr(s, "trains", False)
+           or getattr(s, "finetune", None) is not None for s in steps):
         train = 3 * weights
         parts.append(f"training: gradients + AdamW's two moments 3 x {weights:,} B = {train:,} B")
     total = 2 * weights + act + hess + train

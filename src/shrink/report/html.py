@@ -10,6 +10,7 @@ from shrink.fsutil import write_bytes_atomic
 
 from .deploy import exports_section, plan_section, roofline_section, search_section
 from .pruning import pruning_details
+from .training import training_details
 from .plots import layer_errors, layer_sqnr, sensitivity, staircase, svd_energy, weight_hist
 from .svg import esc, finite
 from .text import DASH, count, figure, joules, mb, num, recipe_text, step_name, table, times, yamlish
@@ -168,6 +169,7 @@ def steps_section(steps) -> str:
                                 "SQNR dB", "seconds", "kernel", "note"], _layer_rows(layers), "num layers")
                        + "</details>")
         out.append(pruning_details(s.get("details")))
+        out.append(training_details(s.get("details")))
         skipped = [k for k in s.get("skipped") or [] if isinstance(k, dict)]
         if skipped:
             items = "".join(f"<li><code>{esc(k.get('name', '?'))}</code>: {esc(k.get('reason', ''))}</li>"
