@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shrink.algos.kd import hidden_loss, soft_kl
 from shrink.data.labeled import split_batch
 from shrink.surgery.capture import call_model
 
@@ -76,11 +77,8 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     """KL(teacher || student) on softened distributions, scaled by T^2 (Hinton et al.), or MSE
     on hidden states (logits=False)."""
     if not logits:
-        return F.mse_loss(student.float(), teacher.float())
-    t = temperature
-    s = F.log_softmax(student.float().reshape(-1, student.shape[-1]) / t, dim=-1)
-    p = F.log_softmax(teacher.float().reshape(-1, teacher.shape[-1]) / t, dim=-1)
-    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+        return hidden_loss(student, teacher, "mse")
+    return soft_kl(student, teacher, temperature)
 
 
 def resolve_loss(loss: str, model: nn.Module, batch, teacher: nn.Module | None = None) -> str:
