@@ -23,11 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shrink.modules import InputScaled, QuantConv2d, QuantLinear, SparseConv2d, SparseLinear, W8A8Linear
+from shrink.modules import (InputScaled, LowRankLinear, QuantConv2d, QuantLinear, SparseConv2d, SparseLinear,
+                            W8A8Linear)
 from shrink.surgery import replace_module
 
 # modules an export writes as the plain layer they compute
-COMPRESSED = (InputScaled, QuantLinear, W8A8Linear, QuantConv2d, SparseLinear, SparseConv2d)
+COMPRESSED = (InputScaled, QuantLinear, W8A8Linear, QuantConv2d, SparseLinear, SparseConv2d, LowRankLinear)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,20 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return out
 
 
+def _conv1d(lin: nn.Linear) -> nn.Module:
+    """transformers' Conv1D (GPT-2) computing what `lin` computes: its weight stored [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(lin.out_features, lin.in_features)
+    with torch.no_grad():
+        conv.weight.copy_(lin.weight.t())
+        if lin.bias is not None:
+            conv.bias.copy_(lin.bias)
+        else:
+            conv.bias.zero_()
+    return conv
+
+
 def _effective(mod: nn.Module) -> nn.Module | None:
     """The plain module computing what `mod` computes (None: `mod` is not a compressed module)."""
     if isinstance(mod, InputScaled):
@@ -118,6 +133,10 @@ def _effective(mod: nn.Module) -> nn.Module | None:
         if mod.input_scale is not None:
             w = w * mod.input_scale.to(torch.float32)[None, :]
         return _linear(w, mod.bias)
+    if isinstance(mod, LowRankLinear):   # W = A B in float64, then float32: one layer of the original shape
+        a, b = ((_effective(f) or f).weight.detach().to(torch.float64) for f in (mod.up, mod.down))
+        lin = _linear((a @ b).to(torch.float32), mod.bias)
+        return _conv1d(lin) if mod.source == "conv1d" else lin
     if isinstance(mod, SparseLinear):   # the runtimes take dense tensors: the zeros are written out
         return _linear(mod.dense_weight().detach().to(torch.float32), mod.bias)
     if isinstance(mod, SparseConv2d):

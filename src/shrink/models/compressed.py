@@ -6,7 +6,8 @@ DIR/
   config.json         the base model's Hugging Face config (for transformers models)
   manifest.json       format version, how to build the base, per-module type and spec (a
                       QuantConv2d also its geometry: kernel, stride, padding, ...; a SparseLinear
-                      or SparseConv2d its layout, nnz, n:m and dtype), recipe, metrics
+                      or SparseConv2d its layout, nnz, n:m and dtype; a LowRankLinear its rank,
+                      its factors listed again where a later step quantized them), recipe, metrics
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from shrink.fsutil import replace_dir
-from shrink.modules import InputScaled, QuantConv2d, QuantLinear, SparseConv2d, SparseLinear, W8A8Linear
+from shrink.modules import (InputScaled, LowRankLinear, QuantConv2d, QuantLinear, SparseConv2d, SparseLinear,
+                            W8A8Linear)
 from shrink.quant import QuantSpec
 from shrink.surgery import replace_module
 
@@ -75,6 +77,12 @@ def compressed_modules(model: nn.Module) -> dict[str, dict]:
             continue
         if isinstance(mod, (SparseLinear, SparseConv2d)):
             out[name] = _sparse_entry(mod)
+            continue
+        if isinstance(mod, LowRankLinear):   # its factors are children: a later step may have quantized them
+            dtype = next((p.dtype for p in mod.parameters() if p.is_floating_point()), torch.float32)
+            out[name] = {"type": "LowRankLinear", "in_features": mod.in_features, "out_features": mod.out_features,
+                         "rank": mod.rank, "bias": mod.bias is not None, "dtype": str(dtype).removeprefix("torch."),
+                         "source": mod.source}
             continue
         scaled = isinstance(mod, InputScaled)
         ql = mod.inner if scaled else mod
@@ -149,7 +157,11 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
         except (ValueError, KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{where}: cannot rebuild the pruned shapes ({e})") from None
     sparse: dict[str, dict] = {}
-    for name, m in (manifest.get("modules") or {}).items():
+    entries = (manifest.get("modules") or {}).items()   # low-rank shells first: their factors may be listed too
+    for name, m in sorted(entries, key=lambda e: e[1].get("type") != "LowRankLinear"):
+        if m.get("type") == "LowRankLinear":
+            replace_module(model, name, _lowrank_shell(m, f"{where}: module {name}"))
+            continue
         if m.get("type") == "W8A8Linear":
             replace_module(model, name, W8A8Linear(int(m["in_features"]), int(m["out_features"]),
                                                    bias=bool(m["bias"]), smoothed=bool(m["smoothed"])))
@@ -187,6 +199,18 @@ def _conv_shell(m: dict, where: str) -> QuantConv2d:
                            weight_dtype=_DTYPES[m.get("weight_dtype", "float32")])
     except KeyError as e:
         raise ValueError(f"{where}: QuantConv2d entry lacks {e} (or names an unknown dtype)") from None
+
+
+def _lowrank_shell(m: dict, where: str) -> LowRankLinear:
+    try:
+        if m.get("dtype") not in _DTYPES:
+            raise ValueError(f"LowRankLinear entry: dtype {m.get('dtype')!r} is not one of {', '.join(_DTYPES)}")
+        return LowRankLinear(int(m["in_features"]), int(m["out_features"]), int(m["rank"]), bias=bool(m["bias"]),
+                             dtype=_DTYPES[m["dtype"]], source=m.get("source", "linear"))
+    except KeyError as e:
+        raise ValueError(f"{where}: LowRankLinear entry lacks {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _sparse_entry(mod) -> dict:

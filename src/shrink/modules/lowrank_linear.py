@@ -11,11 +11,18 @@ as ordinary Linear layers. A fine-tune trains them; a quantization step (rtn, gp
 replaces each with a QuantLinear, so low-rank followed by int8 composes without any code
 that knows about low rank; pruning stores them sparse. `dense_weight()` and `nbytes`
 follow whatever the children have become.
+
+`source` says which layer it replaced: "linear", or "conv1d" for transformers' GPT-2
+Conv1D (a Linear that stores its weight [in, out]); an export writes the dense layer back
+in that layout so the architecture's own loader reads it.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+SOURCES = ("linear", "conv1d")
 
 
 class LowRankLinear(nn.Module):
@@ -26,10 +33,12 @@ class LowRankLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, source: str = "linear"):
         super().__init__()
         _check(in_features, out_features, rank)
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        if source not in SOURCES:
+            raise ValueError(f"LowRankLinear: source must be one of {', '.join(SOURCES)}, got {source!r}")
+        self.in_features, self.out_features, self.rank, self.source = in_features, out_features, rank, source
         self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
         if bias:
@@ -37,7 +46,8 @@ class LowRankLinear(nn.Module):
                 self.up.bias.zero_()
 
     @classmethod
-    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> "LowRankLinear":
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+                     source: str = "linear") -> "LowRankLinear":
         """a [out, r], b [r, in] (the same floating dtype and device), bias [out] or None; copied."""
         for name, t in (("a", a), ("b", b)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
@@ -53,7 +63,8 @@ class LowRankLinear(nn.Module):
         if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,)):
             raise ValueError(f"LowRankLinear.from_factors: bias must have shape ({out_f},), got "
                              f"{getattr(bias, 'shape', type(bias).__name__)}")
-        mod = cls(int(b.shape[1]), int(out_f), int(r), bias=bias is not None, dtype=a.dtype, device=a.device)
+        mod = cls(int(b.shape[1]), int(out_f), int(r), bias=bias is not None, dtype=a.dtype, device=a.device,
+                  source=source)
         with torch.no_grad():
             mod.up.weight.copy_(a)
             mod.down.weight.copy_(b)
@@ -85,7 +96,7 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}" + (f", source={self.source}" if self.source != "linear" else ""))
 
 
 def _effective_weight(mod: nn.Module, which: str) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 from shrink.fsutil import write_bytes_atomic
 
 from .deploy import exports_section, plan_section, roofline_section, search_section
+from .lowrank import lowrank_details
 from .pruning import pruning_details
 from .training import training_details
 from .plots import layer_errors, layer_sqnr, sensitivity, staircase, svd_energy, weight_hist
@@ -169,6 +170,7 @@ def steps_section(steps) -> str:
                                 "SQNR dB", "seconds", "kernel", "note"], _layer_rows(layers), "num layers")
                        + "</details>")
         out.append(pruning_details(s.get("details")))
+        out.append(lowrank_details(s.get("details")))
         out.append(training_details(s.get("details")))
         skipped = [k for k in s.get("skipped") or [] if isinstance(k, dict)]
         if skipped:

@@ -235,30 +235,42 @@ def sensitivity(entries: list[dict], cap: int = MAX_BARS) -> Plot:
 
 
 def svd_energy(entries: list[dict], cap: int = MAX_CURVES) -> Plot:
-    """Cumulative singular-value energy per rank for each layer, the kept rank marked."""
+    """Cumulative singular-value energy per rank for each layer, the kept rank marked.
+    An entry's "energy" is the curve at ranks 1, 2, ..., or at the ranks its "ranks" lists
+    (a downsampled curve)."""
     rows = []
     for e in entries or []:
-        en = [v for v in (e.get("energy") or []) if finite(v)] if isinstance(e, dict) else []
-        if en:
-            rows.append((e, en))
+        pts = _energy_points(e) if isinstance(e, dict) else []
+        if pts:
+            rows.append((e, pts))
     if not rows:
         raise PlotSkipped("no energy curves")
     note = f" Showing {cap} of {len(rows)} layers." if len(rows) > cap else ""
     rows = rows[:cap]
-    n = max(len(en) for _, en in rows)
+    n = max(pts[-1][0] for _, pts in rows)
     c = Chart("Singular-value energy kept per rank", height=320)
     x, y = c.xscale(1, max(n, 2)), c.yscale(0, 1)
     c.axes(x, y, xlabel="rank", ylabel="cumulative energy")
-    for k, (e, en) in enumerate(rows):
+    for k, (e, pts) in enumerate(rows):
         color, name = PALETTE[k % len(PALETTE)], str(e.get("layer", "?"))
-        idx = downsample(en, 300)
-        c.marks.append(polyline([(x(i + 1), y(en[i])) for i in idx], color, tip=name, layer=name))
+        idx = downsample(pts, 300)
+        c.marks.append(polyline([(x(pts[i][0]), y(pts[i][1])) for i in idx], color, tip=name, layer=name))
         r = e.get("rank")
-        if isinstance(r, int) and 1 <= r <= len(en):
-            c.marks.append(circle(x(r), y(en[r - 1]), 4.5, color, mark="kept", layer=name, rank=r,
-                                  tip=f"{name}: rank {r} keeps {100 * en[r - 1]:.1f}% of the energy",
+        at = dict(pts)
+        if isinstance(r, int) and r in at:
+            c.marks.append(circle(x(r), y(at[r]), 4.5, color, mark="kept", layer=name, rank=r,
+                                  tip=f"{name}: rank {r} keeps {100 * at[r]:.1f}% of the energy",
                                   extra=' stroke="#111" stroke-width="1"'))
         c.add_legend(short(name, 18), color, "line")
     return Plot("svd-energy", c.svg(), "Fraction of each weight matrix's squared singular values kept by the "
                 "first r ranks; the dot marks the rank kept." + note)
+
+
+def _energy_points(e: dict) -> list[tuple[int, float]]:
+    """(rank, energy) pairs of an entry, in rank order; unreadable points dropped."""
+    en = e.get("energy") or []
+    ranks = e.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != len(en):
+        ranks = list(range(1, len(en) + 1))
+    return sorted((r, v) for r, v in zip(ranks, en) if isinstance(r, int) and r >= 1 and finite(v))
 
