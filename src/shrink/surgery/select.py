@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 SUPPORTED_TYPES = ("linear", "conv1d", "conv2d", "sparse_linear")
+# Layers already quantized (QuantLinear, QuantConv2d): selected only when asked for by type
+# (a QAT step refines an earlier PTQ step's result); their weight_view() is the dequantized copy.
+QUANTIZED_TYPES = ("quant_linear", "quant_conv2d")
 # The LM output head by the names transformers uses for it; heads are found
 # by tying and get_output_embeddings() too, the names catch the untied ones.
 HEAD_NAMES = ("lm_head", "embed_out")
@@ -54,6 +57,8 @@ class Target:
         """
         if self.kind == "sparse_linear":  # a pruned layer: its dense equivalent (a copy, not a view)
             return self.module.dense_weight()
+        if self.kind in QUANTIZED_TYPES:  # a quantized layer: its dequantized weight (a copy)
+            return self.module.dequantized_weight().reshape(self.out_features, self.in_features)
         w = self.module.weight
         if self.kind == "conv1d":
             return w.t()
@@ -68,8 +73,9 @@ class Target:
                 f"{self.name}: new weight has shape {tuple(w.shape)}, "
                 f"expected [out, in] = [{self.out_features}, {self.in_features}]"
             )
-        if self.kind == "sparse_linear":
-            raise ValueError(f"{self.name}: a SparseLinear's weight is stored sparse; replace the module instead")
+        if self.kind in ("sparse_linear",) + QUANTIZED_TYPES:
+            raise ValueError(f"{self.name}: a {self.kind} layer's weight is stored compressed; replace the module "
+                             "instead")
         with torch.no_grad():
             self.weight_view().copy_(w)
 
@@ -111,12 +117,20 @@ def kind_of(module: nn.Module) -> str | None:
     return None
 
 
+def quantized_kind_of(module: nn.Module) -> str | None:
+    """"quant_linear" / "quant_conv2d" for shrink's quantized layers (by name: modules sits
+    below surgery, but the duck type is what the targets use), else None."""
+    if not callable(getattr(module, "dequantized_weight", None)) or not hasattr(module, "spec"):
+        return None
+    return {"QuantLinear": "quant_linear", "QuantConv2d": "quant_conv2d"}.get(type(module).__name__)
+
+
 def _is_param(module: nn.Module, attr: str) -> bool:
     return isinstance(getattr(module, attr, None), nn.Parameter)
 
 
 def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
-    if kind == "sparse_linear":
+    if kind == "sparse_linear" or kind in QUANTIZED_TYPES:
         return int(module.out_features), int(module.in_features)
     w = module.weight
     if kind == "conv1d":
@@ -184,7 +198,9 @@ def select_modules(
     """Pick the modules to compress, in model order.
 
     types: kinds to take, among "linear", "conv1d" (transformers' Conv1D),
-        "conv2d". Embeddings are taken with include_embeddings=True instead.
+        "conv2d", "sparse_linear", and the already quantized "quant_linear",
+        "quant_conv2d" (only when named here). Embeddings are taken with
+        include_embeddings=True instead.
     include / exclude: patterns on the qualified name (e.g. "model.layers.0.mlp.up_proj").
         A string is an fnmatch glob matched against the whole name ("*.q_proj"),
         unless it starts with "re:" — then it is a regular expression searched
@@ -204,9 +220,11 @@ def select_modules(
     `skipped` with the reason.
     """
     types = tuple(types)
-    unknown = [t for t in types if t not in SUPPORTED_TYPES]
+    unknown = [t for t in types if t not in SUPPORTED_TYPES + QUANTIZED_TYPES]
     if unknown:
-        raise ValueError(f"select_modules: unknown types {unknown}; supported: {list(SUPPORTED_TYPES)}")
+        raise ValueError(f"select_modules: unknown types {unknown}; supported: "
+                         f"{list(SUPPORTED_TYPES + QUANTIZED_TYPES)}")
+    quantized = any(t in QUANTIZED_TYPES for t in types)
     inc = _compile(include, "include")
     exc = _compile(exclude, "exclude") or []
 
@@ -229,6 +247,8 @@ def select_modules(
     taken: dict[int, str] = {}  # id(weight) -> name of the target that holds it
     for name, module in named.items():
         kind = kind_of(module)
+        if kind is None and quantized:
+            kind = quantized_kind_of(module)
         if name == "":
             if kind is not None:  # a bare nn.Linear "model": there is no parent to swap it in
                 skipped.append(Skipped(name, type(module).__name__, "the model itself cannot be replaced in place"))
