@@ -8,7 +8,8 @@ after pruning. Each step class names its stage in `kind`.
   changes, and the earlier rounding error is paid twice (the seeds measure prune ->
   fine-tune -> quantize 1-3% more accurate than the reverse).
 - Two quantization steps that both target every layer are refused: a layer is quantized
-  once, so the second would find nothing left (split them with include/exclude).
+  once, so the second would find nothing left (split them with include/exclude). A step
+  that refines quantized layers (qat after gptq, rtn or awq) is the exception.
 - Pruning with no fine-tune or distillation after it gets a suggestion.
 """
 from __future__ import annotations
@@ -46,6 +47,8 @@ def check_order(steps: list, force: bool = False) -> list[str]:
             break
     quant = [i for i, k in enumerate(kinds) if k == "quantize"]
     for a, b in zip(quant, quant[1:]):
+        if getattr(steps[b], "refines", False):   # qat trains the layers the step before it quantized
+            continue
         if _everything(steps[a]) and _everything(steps[b]):
             raise ValueError(f"recipe step {b + 1} ({names[b]}) would find no float layers: step {a + 1} "
                              f"({names[a]}) quantizes every layer first and a layer is quantized once; give one of "

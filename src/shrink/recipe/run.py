@@ -98,6 +98,8 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
         rec = StepRecord(index=i, step=step_to_dict(step))
         t0 = time.perf_counter()
         types = ("linear", "conv1d", "conv2d") + (("sparse_linear",) if step.kind == "quantize" else ())
+        if getattr(step, "refines", False):   # qat: also the layers a PTQ step quantized before it
+            types += ("quant_linear", "quant_conv2d")
         sel = select_modules(work, types=types, include=step.include, exclude=step.exclude)
         rec.skipped = [{"name": s.name, "reason": s.reason} for s in sel.skipped if _worth_listing(s)]
         targets = []

@@ -383,4 +383,6 @@ BUILTIN = {
     "prune50-sparsegpt-w4": [Prune(method="sparsegpt", sparsity=0.5, bits=4)],
     "heads25+finetune": [Prune(method="heads", sparsity=0.25), Finetune(steps=200)],
     "neurons25+finetune": [Prune(method="neurons", sparsity=0.25), Finetune(steps=200)],
+    "w4-qat": [QAT()],
+    "w4-gptq+qat": [GPTQ(), QAT()],
 }

@@ -36,8 +36,10 @@ class QAT:
     the forward pass, straight-through gradients masked outside the clipping range, ranges
     observed and frozen after `freeze_after` of the steps (lsq: true learns the step sizes
     instead), then converted to QuantLinear. Starts from a PTQ step's result when one ran
-    before it (its layers' codes and scales are the starting point)."""
+    before it (its layers' codes and scales are the starting point). loss auto: 0.5 CE on
+    labels + 0.5 distillation where batches are labeled, else distillation (recipe/qat.py)."""
     kind: ClassVar[str] = "quantize"
+    refines: ClassVar[bool] = True   # may follow a PTQ step on the same layers (recipe/rules.py)
     needs_data: ClassVar[bool] = True
     trains: ClassVar[bool] = True
     bits: int = 4
@@ -60,12 +62,12 @@ class QAT:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"qat: bits must be an integer in 2..8, got {self.bits!r}")
         if self.act_bits is not None and (isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int)
-                                          or not 2 <= self.act_bits <= 16):
-            raise ValueError(f"qat: act_bits must be an integer in 2..16 or null, got {self.act_bits!r}")
+                                          or not 2 <= self.act_bits <= 8):
+            raise ValueError(f"qat: act_bits must be an integer in 2..8 or null, got {self.act_bits!r}")
         _positive_int("qat", "group_size", self.group_size, allow_none=True)
         _number("qat", "freeze_after", self.freeze_after, 0.0, 1.0, open_lo=False)
-        if self.loss not in ("auto", "lm", "distill", "ce"):
-            raise ValueError(f"qat: loss must be auto, lm, distill or ce, got {self.loss!r}")
+        if self.loss not in ("auto", "lm", "distill", "ce", "ce+distill"):
+            raise ValueError(f"qat: loss must be auto, lm, distill, ce or ce+distill, got {self.loss!r}")
         if not self.temperature > 0:
             raise ValueError(f"qat: temperature must be positive, got {self.temperature!r}")
         check_training("qat", self)
