@@ -23,12 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shrink.modules import (InputScaled, LowRankLinear, QuantConv2d, QuantLinear, SparseConv2d, SparseLinear,
-                            W8A8Linear)
+from shrink.modules import (InputScaled, LoRALinear, LowRankLinear, QuantConv2d, QuantLinear, SparseConv2d,
+                            SparseLinear, W8A8Linear)
 from shrink.surgery import replace_module
 
 # modules an export writes as the plain layer they compute
-COMPRESSED = (InputScaled, QuantLinear, W8A8Linear, QuantConv2d, SparseLinear, SparseConv2d, LowRankLinear)
+COMPRESSED = (InputScaled, QuantLinear, W8A8Linear, QuantConv2d, SparseLinear, SparseConv2d, LowRankLinear,
+              LoRALinear)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ def carried_layers(model: nn.Module) -> tuple[dict[str, Grid], dict[str, str]]:
         if isinstance(mod, InputScaled):
             scaled_inner.add(f"{name}.inner")
             why_not[name] = "an input scale is kept in the layer (AWQ/SmoothQuant could not fold it)"
+        elif isinstance(mod, LoRALinear):
+            scaled_inner.add(f"{name}.base")
+            why_not[name] = "LoRA adapters kept apart from the base (lora merge: true folds them in)"
         elif isinstance(mod, W8A8Linear):
             why_not[name] = "activations are quantized too (W8A8)"
         elif isinstance(mod, QuantConv2d):
@@ -136,6 +140,10 @@ def _effective(mod: nn.Module) -> nn.Module | None:
     if isinstance(mod, LowRankLinear):   # W = A B in float64, then float32: one layer of the original shape
         a, b = ((_effective(f) or f).weight.detach().to(torch.float64) for f in (mod.up, mod.down))
         lin = _linear((a @ b).to(torch.float32), mod.bias)
+        return _conv1d(lin) if mod.source == "conv1d" else lin
+    if isinstance(mod, LoRALinear):   # W + (alpha / r) B A in float64, then float32, in the source layout
+        base = mod.base_weight().detach()   # [out, in] whatever the base (a QuantLinear's dequantized weight)
+        lin = _linear((base.double() + mod.delta_weight().to(base.device)).to(torch.float32), mod.bias)
         return _conv1d(lin) if mod.source == "conv1d" else lin
     if isinstance(mod, SparseLinear):   # the runtimes take dense tensors: the zeros are written out
         return _linear(mod.dense_weight().detach().to(torch.float32), mod.bias)

@@ -7,7 +7,9 @@ DIR/
   manifest.json       format version, how to build the base, per-module type and spec (a
                       QuantConv2d also its geometry: kernel, stride, padding, ...; a SparseLinear
                       or SparseConv2d its layout, nnz, n:m and dtype; a LowRankLinear its rank,
-                      its factors listed again where a later step quantized them), recipe, metrics
+                      its factors listed again where a later step quantized them; a LoRALinear its
+                      rank, alpha, base kind and whether it ran merged, a QuantLinear base listed
+                      again), recipe, metrics
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import torch
 from torch import nn
 
 from shrink.fsutil import replace_dir
-from shrink.modules import (InputScaled, LowRankLinear, QuantConv2d, QuantLinear, SparseConv2d, SparseLinear,
-                            W8A8Linear)
+from shrink.modules import (InputScaled, LoRALinear, LowRankLinear, QuantConv2d, QuantLinear, SparseConv2d,
+                            SparseLinear, W8A8Linear)
 from shrink.quant import QuantSpec
 from shrink.surgery import replace_module
 
@@ -83,6 +85,12 @@ def compressed_modules(model: nn.Module) -> dict[str, dict]:
             out[name] = {"type": "LowRankLinear", "in_features": mod.in_features, "out_features": mod.out_features,
                          "rank": mod.rank, "bias": mod.bias is not None, "dtype": str(dtype).removeprefix("torch."),
                          "source": mod.source}
+            continue
+        if isinstance(mod, LoRALinear):   # saved unmerged (base + A, B); a QuantLinear base is its own entry
+            out[name] = {"type": "LoRALinear", "in_features": mod.in_features, "out_features": mod.out_features,
+                         "rank": mod.rank, "alpha": mod.alpha, "dropout": mod.dropout_p, "bias": mod.bias is not None,
+                         "dtype": str(mod.lora_A.dtype).removeprefix("torch."), "source": mod.source,
+                         "base": mod.base_kind, "merged": mod.merged}
             continue
         scaled = isinstance(mod, InputScaled)
         ql = mod.inner if scaled else mod
@@ -157,8 +165,14 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
         except (ValueError, KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{where}: cannot rebuild the pruned shapes ({e})") from None
     sparse: dict[str, dict] = {}
-    entries = (manifest.get("modules") or {}).items()   # low-rank shells first: their factors may be listed too
-    for name, m in sorted(entries, key=lambda e: e[1].get("type") != "LowRankLinear"):
+    entries = (manifest.get("modules") or {}).items()   # low-rank and LoRA shells first: their children may be listed
+    merged = []
+    for name, m in sorted(entries, key=lambda e: e[1].get("type") not in ("LowRankLinear", "LoRALinear")):
+        if m.get("type") == "LoRALinear":
+            replace_module(model, name, _lora_shell(m, f"{where}: module {name}"))
+            if m.get("merged"):
+                merged.append(name)
+            continue
         if m.get("type") == "LowRankLinear":
             replace_module(model, name, _lowrank_shell(m, f"{where}: module {name}"))
             continue
@@ -186,6 +200,8 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"{directory / 'model.safetensors'}: tensors do not match the manifest "
                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    for name in merged:   # W' is recomputed from the saved base and adapters: the same bytes
+        model.get_submodule(name).merge()
     return model.eval()
 
 
@@ -210,6 +226,19 @@ def _lowrank_shell(m: dict, where: str) -> LowRankLinear:
     except KeyError as e:
         raise ValueError(f"{where}: LowRankLinear entry lacks {e}") from None
     except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _lora_shell(m: dict, where: str) -> LoRALinear:
+    try:
+        if m.get("dtype") not in _DTYPES:
+            raise ValueError(f"LoRALinear entry: dtype {m.get('dtype')!r} is not one of {', '.join(_DTYPES)}")
+        return LoRALinear.shell(int(m["in_features"]), int(m["out_features"]), int(m["rank"]), float(m["alpha"]),
+                                float(m.get("dropout", 0.0)), bias=bool(m["bias"]), dtype=_DTYPES[m["dtype"]],
+                                source=m.get("source", "linear"), base=m["base"])
+    except KeyError as e:
+        raise ValueError(f"{where}: LoRALinear entry lacks {e}") from None
+    except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
 
 

@@ -199,6 +199,13 @@ class LoRA:
             raise ValueError(f"lora: base_format must be nf4 or int4, got {self.base_format!r}")
         if self.loss not in ("auto", "lm", "ce", "distill"):
             raise ValueError(f"lora: loss must be auto, lm, ce or distill, got {self.loss!r}")
+        if self.targets is not None:
+            if isinstance(self.targets, str):
+                object.__setattr__(self, "targets", (self.targets,))
+            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+                raise ValueError(f"lora: targets must be a non-empty list of module names or patterns "
+                                 f"(e.g. [q_proj, v_proj]) or null, got {self.targets!r}")
+            object.__setattr__(self, "targets", tuple(self.targets))
         check_training("lora", self)
 
 
