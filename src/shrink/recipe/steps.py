@@ -385,4 +385,6 @@ BUILTIN = {
     "neurons25+finetune": [Prune(method="neurons", sparsity=0.25), Finetune(steps=200)],
     "w4-qat": [QAT()],
     "w4-gptq+qat": [GPTQ(), QAT()],
+    "distill-half": [Distill(student={"width": 0.5})],
+    "distill+int8": [Distill(student={"width": 0.5}), RTN(bits=8, group_size=None, symmetric=True)],
 }

@@ -16,7 +16,7 @@ equivalent (QuantLinear -> Linear of the same size), so the swap then finds the 
 
 Recorded module types: Linear (and modules with int in_features/out_features), transformers
 Conv1D, Conv2d (and modules with in_channels/out_channels/kernel_size), BatchNorm1d/2d/3d,
-Embedding.
+Embedding, Identity (a Sequential's layer that was dropped).
 """
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ def describe(m: nn.Module) -> dict | None:
         return describe(inner)  # a wrapper (InputScaled) has its inner module's shape
     if kind_of(m) == "conv1d":
         return {"type": "Conv1D", "nf": int(m.nf), "nx": int(m.weight.shape[0])}
+    if type(m) is nn.Identity:   # a layer a distilled student dropped (keeping its neighbours' names)
+        return {"type": "Identity"}
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).__name__ in _BATCHNORMS:
         return {"type": type(m).__name__, "num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
                 "affine": m.affine, "track_running_stats": m.track_running_stats}
@@ -135,6 +137,8 @@ def _empty(d: dict, old: nn.Module, where: str) -> nn.Module:
         elif t in _BATCHNORMS:
             build = lambda: _BATCHNORMS[t](int(d["num_features"]), d["eps"], d["momentum"],  # noqa: E731
                                            bool(d["affine"]), bool(d["track_running_stats"]))
+        elif t == "Identity":
+            build = nn.Identity
         elif t == "Embedding":
             build = lambda: nn.Embedding(int(d["num_embeddings"]), int(d["embedding_dim"]),  # noqa: E731
                                          padding_idx=d["padding_idx"])
