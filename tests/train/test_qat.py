@@ -189,3 +189,14 @@ def test_bad_input():
     circ = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"))
     with pytest.raises(ValueError, match="circular"):
         prepare_qat(circ, _targets(circ), QuantSpec(bits=4))
+
+
+def test_quantized_layers_are_targets_only_when_asked_for_even_without_a_bias():
+    ql = QuantLinear.from_linear(nn.Linear(64, 16, bias=False), G32)
+    model = nn.Sequential(ql, nn.Linear(16, 4))
+    assert [t.name for t in select_modules(model).targets] == ["1"]
+    (t,) = select_modules(model, types=("quant_linear",), include=["0"]).targets
+    assert t.kind == "quant_linear" and (t.out_features, t.in_features) == (16, 64)
+    assert torch.equal(t.weight_view(), ql.dequantized_weight())
+    with pytest.raises(ValueError, match="stored compressed"):
+        t.set_weight(torch.zeros(16, 64))

@@ -256,7 +256,8 @@ def select_modules(
         if inc is None:
             if kind is None:
                 continue
-        elif not _matches(name, inc) or not any(True for _ in module.parameters(recurse=False)):
+        elif not _matches(name, inc) or not (any(True for _ in module.parameters(recurse=False))
+                                             or (quantized and quantized_kind_of(module) is not None)):
             continue
         if exc and _matches(name, exc):
             continue
