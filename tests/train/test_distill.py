@@ -185,3 +185,22 @@ def test_bad_input():
         distill(s, t, batches, TrainOptions(steps=1), hidden_loss="mse", layer_map=[0, 7])
     with pytest.raises(ValueError, match="student is the teacher"):
         distill(t, t, batches, TrainOptions(steps=1))
+
+
+def test_teacher_cache_changes_nothing(monkeypatch):
+    """Epochs after the first reuse the frozen teacher's outputs: the same weights as recomputing them."""
+    import shrink.train.distill as d
+
+    t = _mlp(0)
+    batches = _labeled(n=3)
+    runs = []
+    for limit in (0, d.TEACHER_CACHE_BYTES):
+        monkeypatch.setattr(d, "TEACHER_CACHE_BYTES", limit)
+        s = build_student(t, {"width": 0.5})
+        calls = []
+        h = t[0].register_forward_hook(lambda *a: calls.append(1))
+        distill(s.model, t, batches, TrainOptions(steps=9, lr=1e-2), hidden_loss="mse", kept=s.kept)
+        h.remove()
+        runs.append((s.model.state_dict(), len(calls)))
+    assert all(torch.equal(v, runs[1][0][k]) for k, v in runs[0][0].items())
+    assert runs[1][1] < runs[0][1]   # fewer teacher forwards with the cache

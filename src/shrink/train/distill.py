@@ -16,6 +16,8 @@ layer_map[j] (DistilBERT), weighted by hidden_weight and averaged over the mappe
 Layer outputs are caught by forward hooks on the transformer blocks (or the Sequential's
 hidden blocks), not output_hidden_states: GPT-2 and Llama apply their final norm to the
 last entry of hidden_states, which would then not be comparable with a middle teacher layer.
+The frozen teacher's outputs are kept per batch (up to TEACHER_CACHE_BYTES), so the epochs
+after the first run the student alone.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .loop import _is_causal, _token_ids, has_logits, output_tensor
 from .students import default_layer_map, layer_taps
 
 KINDS = ("classifier", "causal", "encoder")
+TEACHER_CACHE_BYTES = 256 * 2**20   # teacher outputs kept across epochs (an LM's logits soon exceed it)
 
 
 @dataclass(frozen=True)
@@ -133,16 +136,43 @@ def _pooled(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (h.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+class _TeacherCache:
+    """The frozen teacher's outputs (and tapped layers) per batch object, while they fit in
+    `limit` bytes: every epoch after the first then runs the student alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.store: dict[int, tuple] = {}
+
+    def get(self, batch):
+        hit = self.store.get(id(batch))
+        return hit[1] if hit is not None and hit[0] is batch else None
+
+    def put(self, batch, value: tuple) -> None:
+        n = sum(t.numel() * t.element_size() for t in (value[0], *value[1]))
+        if self.used + n <= self.limit:
+            self.store[id(batch)] = (batch, value)   # the batch is held, so its id is not reused
+            self.used += n
+
+
 def make_distill_loss(teacher: nn.Module, cfg: DistillSetup, student_taps: _Catch | None = None,
-                      teacher_taps: _Catch | None = None,
-                      kept: dict[int, torch.Tensor] | None = None) -> Callable[[nn.Module, object], torch.Tensor]:
-    """loss_fn(model, batch) for the engine."""
+                      teacher_taps: _Catch | None = None, kept: dict[int, torch.Tensor] | None = None,
+                      cache_bytes: int = 0) -> Callable[[nn.Module, object], torch.Tensor]:
+    """loss_fn(model, batch) for the engine. cache_bytes > 0: keep the teacher's outputs of
+    each batch object up to that many bytes (the teacher is frozen and in eval mode)."""
     kept = kept or {}
+    cache = _TeacherCache(cache_bytes)
 
     def fn(model: nn.Module, batch) -> torch.Tensor:
         inputs, labels = split_batch(batch)
-        with torch.no_grad():
-            t_out = output_tensor(call_model(teacher, inputs))
+        hit = cache.get(batch)
+        if hit is None:
+            with torch.no_grad():
+                t_out = output_tensor(call_model(teacher, inputs))
+            t_hidden = list(teacher_taps.out) if teacher_taps is not None else []
+            cache.put(batch, (t_out, t_hidden))
+        else:
+            t_out, t_hidden = hit
         s_out = output_tensor(call_model(model, inputs))
         mask = _mask(inputs)
         if cfg.kind == "encoder":
@@ -159,7 +189,7 @@ def make_distill_loss(teacher: nn.Module, cfg: DistillSetup, student_taps: _Catc
         if cfg.hidden_loss is not None and cfg.hidden_weight > 0:
             terms = []
             for j, i in enumerate(cfg.layer_map):
-                s_h, t_h = _rows(student_taps.out[j]), _rows(teacher_taps.out[i])
+                s_h, t_h = _rows(student_taps.out[j]), _rows(t_hidden[i])
                 if j in kept:
                     t_h = t_h.index_select(-1, kept[j].to(t_h.device))
                 try:
@@ -195,7 +225,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence, options: 
                     hidden_weight=hidden_weight, layer_map=layer_map)
         if cfg.hidden_loss is not None:
             s_taps, t_taps = _Catch(layer_taps(student)), _Catch(layer_taps(teacher))
-        loss_fn = make_distill_loss(teacher, cfg, s_taps, t_taps, kept)
+        loss_fn = make_distill_loss(teacher, cfg, s_taps, t_taps, kept, TEACHER_CACHE_BYTES)
         return train(student, batches, loss_fn, options, evaluate=evaluate, progress=progress, label="distill")
     finally:
         for c in (s_taps, t_taps):
