@@ -57,7 +57,7 @@ def searched(tmp_path_factory):
 def test_front_is_non_dominated_and_the_choice_meets_the_constraints(searched):
     out, doc = searched
     on_disk = json.loads((out / "result.json").read_text())
-    assert on_disk["chosen"] == doc["chosen"] and len(on_disk["candidates"]) == len(candidate_space("default", False))
+    assert on_disk["chosen"] == doc["chosen"] and len(on_disk["candidates"]) == len(candidate_space("default", False, labeled=True))
     higher = doc["constraints"]["higher_is_better"]
     full = [c for c in doc["candidates"] if c["stage"] == "full" and not c.get("error")]
     assert 1 <= len(full) <= 3

@@ -66,3 +66,12 @@ def test_ordering_rules_place_the_new_stages():
         check_order(parse_recipe([{"prune": {"method": "wanda", "sparsity": 0.5}}, {"lowrank": {}}]))
     # lora and early_exit may come anywhere (they are training, like finetune)
     check_order(parse_recipe([{"rtn": {"bits": 8}}, {"lora": {}}, {"early_exit": {}}]))
+
+
+def test_every_builtin_recipe_round_trips_through_its_dict():
+    from shrink.recipe.steps import BUILTIN
+
+    for name, recipe in BUILTIN.items():
+        assert parse_recipe([step_to_dict(s) for s in recipe]) == recipe, name
+    # per channel (group_size null) must survive: it was once dropped and re-read as group 128
+    assert step_to_dict(BUILTIN["int8"][0])["rtn"]["group_size"] is None

@@ -51,13 +51,16 @@ class Constraints:
                 "quality_name": q.get("name"), "higher_is_better": q.get("higher_is_better", True)}
 
 
-def candidate_space(space: str = "default", calibrated: bool = True) -> list[tuple[str, list]]:
+def candidate_space(space: str = "default", calibrated: bool = True, labeled: bool = False) -> list[tuple[str, list]]:
     """(name, recipe) pairs across the families shrink has: integer precisions and group
     sizes by RTN, GPTQ and AWQ, k-means weight sharing, SmoothQuant W8A8 and mixed-precision
     budgets. Without calibration data (or a model without transformer blocks), only the
     data-free families. Pruning joins as its own family (Wanda, SparseGPT, 2:4, joint
     SparseGPT+int4, magnitude without data) and before quantization (prune -> GPTQ); the wide
-    space adds structured removal (heads, layers) before 4-bit. Low-rank joins when it exists."""
+    space adds structured removal (heads, layers) before 4-bit. Low-rank factorization joins
+    (energy 0.95, and 0.9 with a fine-tune before int8 in the wide space). With labeled
+    training data (the digits classifiers), the training families join: QAT at 4 bits,
+    a distilled half-width student before int8, and (wide) a quarter-width one."""
     if space not in SPACES:
         raise ValueError(f"--space must be one of {', '.join(SPACES)}, got {space!r}")
     rtn = lambda b, g, sym=False: {"rtn": {"bits": b, "group_size": g, "symmetric": sym}}  # noqa: E731
@@ -87,6 +90,11 @@ def candidate_space(space: str = "default", calibrated: bool = True) -> list[tup
                     ("kmeans8", [{"kmeans": {"clusters": 8}}]), ("kmeans32", [{"kmeans": {"clusters": 32}}]),
                     ("mixed-3.0", [{"mixed_precision": {"bits_per_weight": 3.0}}]),
                     ("mixed-4.25", [{"mixed_precision": {"bits_per_weight": 4.25}}])]
+        if space in ("default", "wide"):
+            out += [("lowrank-e0.95", [{"lowrank": {"energy": 0.95}}])]
+        if space == "wide":
+            out += [("lowrank-e0.9+ft+int8", [{"lowrank": {"energy": 0.9, "finetune": {"steps": 100}}},
+                                               rtn(8, None, True)])]
     else:
         out += [("kmeans16", [{"kmeans": {"clusters": 16}}])]
         if space in ("default", "wide"):
@@ -96,6 +104,13 @@ def candidate_space(space: str = "default", calibrated: bool = True) -> list[tup
         if space == "wide":
             out += [("w2-rtn-g32", [rtn(2, 32)]), ("w3-rtn-g128", [rtn(3, 128)]), ("kmeans32", [{"kmeans": {"clusters": 32}}]),
                     ("w8-rtn-g128", [rtn(8, 128)]), ("kmeans4", [{"kmeans": {"clusters": 4}}])]
+    if labeled and space in ("default", "wide"):
+        out += [("w4-qat", [{"qat": {"bits": 4, "epochs": 3}}]),
+                ("distill-half+int8", [{"distill": {"student": {"width": 0.5}, "epochs": 20}}, rtn(8, None, True)])]
+        if space == "wide":
+            out += [("w2-qat-g32", [{"qat": {"bits": 2, "group_size": 32, "epochs": 5}}]),
+                    ("distill-quarter+int8", [{"distill": {"student": {"width": 0.25}, "epochs": 30}},
+                                              rtn(8, None, True)])]
     return out
 
 

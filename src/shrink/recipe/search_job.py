@@ -34,7 +34,7 @@ def search_job(model_ref: str, out_dir: str | Path, *, device: str | None = None
         get_device(device)
     if full < 1:
         raise ValueError(f"--full must be at least 1, got {full}")
-    space_list = _space(recipes, space, calibrated=_calibrated(model_ref))  # a bad recipe fails first
+    space_list = _space(recipes, space, calibrated=_calibrated(model_ref), labeled=not _calibrated(model_ref))  # a bad recipe fails first
     out = Path(out_dir)
     base_task = {"model": str(model_ref), "seed": seed, "device": device}
     tick = (lambda label: (lambda d, t: progress(label, d, t))) if progress else (lambda label: None)
@@ -105,9 +105,10 @@ def search_job(model_ref: str, out_dir: str | Path, *, device: str | None = None
     return _jsonable(doc)
 
 
-def _space(recipes, space: str, calibrated: bool) -> list[tuple[str, list]]:
+def _space(recipes, space: str, calibrated: bool, labeled: bool = False) -> list[tuple[str, list]]:
     if not recipes:
-        return [(n, [step_to_dict(s) for s in parse_recipe(r)]) for n, r in candidate_space(space, calibrated)]
+        return [(n, [step_to_dict(s) for s in parse_recipe(r)])
+                for n, r in candidate_space(space, calibrated, labeled)]
     out, seen = [], set()
     for r in recipes:
         name = Path(str(r)).stem if str(r).endswith((".yaml", ".yml", ".json")) else str(r)
@@ -119,7 +120,8 @@ def _space(recipes, space: str, calibrated: bool) -> list[tuple[str, list]]:
 
 
 def _calibrated(model_ref: str) -> bool:
-    """Calibration-based families need transformer blocks: not the digits classifiers."""
+    """Calibration-based families need transformer blocks: not the digits classifiers (which
+    have labeled training data instead: the training families, labeled=True)."""
     return str(model_ref) not in ("digits-mlp", "digits-cnn")
 
 

@@ -193,7 +193,10 @@ def step_to_dict(step) -> dict:
             return list(v)
         return step_to_dict(v)[step_name(v)] if type(v) in STEP_TYPES.values() else v
 
-    return {step_name(step): {f.name: plain(v) for f in fields(step) if (v := getattr(step, f.name)) is not None}}
+    # None is written where it differs from the default (group_size: null = per channel), so the
+    # dict parses back to the same step
+    return {step_name(step): {f.name: plain(v) for f in fields(step)
+                              if (v := getattr(step, f.name)) is not None or f.default is not None}}
 
 
 def parse_recipe(recipe: Any) -> list:
