@@ -9,7 +9,8 @@ scales, so the exporter can carry them over without rounding a second time.
   `nn.Linear` / `nn.Conv2d` holding its effective float32 weight, so
   `plain_copy(m).state_dict()` has the original architecture's names
   (Hugging Face names for transformers models) and transformers, ONNX or a GGUF
-  writer can take it.
+  writer can take it. An early-exit model becomes its base alone: a static graph cannot
+  express a data-dependent exit, so exports hold the full-depth path (the final head).
 - `carried_layers(model)`: for each integer-quantized Linear, its codes, scales,
   zero-points and group size (a `Grid`); layers whose effective weight is not the
   plain dequantization (an input scale kept in the layer, activations quantized)
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shrink.modules import (InputScaled, LoRALinear, LowRankLinear, QuantConv2d, QuantLinear, SparseConv2d,
-                            SparseLinear, W8A8Linear)
+from shrink.modules import (EarlyExitModel, InputScaled, LoRALinear, LowRankLinear, QuantConv2d, QuantLinear,
+                            SparseConv2d, SparseLinear, W8A8Linear)
 from shrink.surgery import replace_module
 
 # modules an export writes as the plain layer they compute
@@ -75,7 +76,9 @@ def _grid(ql: QuantLinear) -> tuple[Grid | None, str]:
 
 def carried_layers(model: nn.Module) -> tuple[dict[str, Grid], dict[str, str]]:
     """({module name: Grid} for layers a format could carry, {module name: why not} for the
-    other compressed layers)."""
+    other compressed layers). An EarlyExitModel: its base's layers, named as in plain_copy."""
+    if isinstance(model, EarlyExitModel):
+        model = model.base
     grids: dict[str, Grid] = {}
     why_not: dict[str, str] = {}
     scaled_inner = set()
@@ -169,8 +172,9 @@ def _effective(mod: nn.Module) -> nn.Module | None:
 
 def plain_copy(model: nn.Module) -> nn.Module:
     """A float32 deep copy of `model` with every compressed module replaced by the plain
-    layer computing its effective weight; the input model is not modified."""
-    out = copy.deepcopy(model)
+    layer computing its effective weight; the input model is not modified. An EarlyExitModel
+    gives its base: the full-depth path, without the exit heads."""
+    out = copy.deepcopy(model.base if isinstance(model, EarlyExitModel) else model)
     names = [name for name, mod in out.named_modules()
              if isinstance(mod, COMPRESSED)]
     done: list[str] = []
@@ -185,4 +189,4 @@ def plain_copy(model: nn.Module) -> nn.Module:
 
 
 def is_compressed(model: nn.Module) -> bool:
-    return any(isinstance(m, COMPRESSED) for m in model.modules())
+    return any(isinstance(m, COMPRESSED + (EarlyExitModel,)) for m in model.modules())

@@ -81,6 +81,7 @@ def export(model_ref: str, fmt: str, out: str | Path, *, verify: bool = True,
     tokenizer = tokenizer_for(model_ref)
     record: dict = {"format": f"{kind}:{sub}" if sub else kind, "source": str(model_ref),
                     "source_model": source_of(model_ref), "path": str(out)}
+    model = _full_depth(model, kind, record)
     causal = is_causal_lm(model)
     if kind == "gguf":
         from shrink.export.gguf import arch_of, write_gguf
@@ -129,6 +130,19 @@ def export(model_ref: str, fmt: str, out: str | Path, *, verify: bool = True,
     record["seconds"] = time.perf_counter() - t0
     write_json_atomic(record_path(out), _jsonable(record))
     return record
+
+
+def _full_depth(model, kind: str, record: dict):
+    """An early-exit model in a static format (ONNX, GGUF) is its base alone, and the record
+    says so; shrink's own packed directory keeps the exits."""
+    from shrink.modules import EarlyExitModel
+
+    if not isinstance(model, EarlyExitModel) or kind not in ("onnx", "gguf"):
+        return model
+    record["early_exit"] = {**model.describe(), "exported": (
+        "the full-depth path only (the base model and its final head): a static graph cannot express a "
+        "data-dependent exit, so the exit heads are not in the file and every input runs all layers")}
+    return model.base
 
 
 def _packed_extra(model_ref: str) -> dict:

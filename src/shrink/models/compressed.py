@@ -9,7 +9,8 @@ DIR/
                       or SparseConv2d its layout, nnz, n:m and dtype; a LowRankLinear its rank,
                       its factors listed again where a later step quantized them; a LoRALinear its
                       rank, alpha, base kind and whether it ran merged, a QuantLinear base listed
-                      again), recipe, metrics
+                      again), recipe, metrics; an early-exit model (EarlyExitModel around a
+                      built-in Sequential) its exits, threshold and heads under "early_exit"
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import torch
 from torch import nn
 
 from shrink.fsutil import replace_dir
-from shrink.modules import (InputScaled, LoRALinear, LowRankLinear, QuantConv2d, QuantLinear, SparseConv2d,
-                            SparseLinear, W8A8Linear)
+from shrink.modules import (EarlyExitModel, InputScaled, LoRALinear, LowRankLinear, QuantConv2d, QuantLinear,
+                            SparseConv2d, SparseLinear, W8A8Linear)
 from shrink.quant import QuantSpec
 from shrink.surgery import replace_module
 
@@ -120,7 +121,9 @@ def save_compressed(model: nn.Module, directory: str | Path, *, base: dict, extr
         save_model(model, str(tmp / "model.safetensors"))
         manifest = {"format": FORMAT, "version": VERSION, "base": base,
                     "modules": compressed_modules(model), **(extra or {})}
-        resized = _resized(model, base, tmp)
+        if isinstance(model, EarlyExitModel):   # the heads wrap the base: shapes are compared on the base
+            manifest["early_exit"] = model.describe()
+        resized = _resized(model.base if isinstance(model, EarlyExitModel) else model, base, tmp)
         if resized is not None:
             manifest["resized"] = resized
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -164,6 +167,8 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
             apply_resized(model, manifest["resized"])
         except (ValueError, KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{where}: cannot rebuild the pruned shapes ({e})") from None
+    if manifest.get("early_exit"):   # exit heads around the base; module names below are the wrapper's
+        model = EarlyExitModel.shell(model, manifest["early_exit"], f"{where}: early_exit")
     sparse: dict[str, dict] = {}
     entries = (manifest.get("modules") or {}).items()   # low-rank and LoRA shells first: their children may be listed
     merged = []

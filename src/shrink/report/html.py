@@ -9,6 +9,7 @@ from pathlib import Path
 from shrink.fsutil import write_bytes_atomic
 
 from .deploy import exports_section, plan_section, roofline_section, search_section
+from .early_exit import early_exit_details
 from .lowrank import lowrank_details
 from .pruning import pruning_details
 from .training import training_details
@@ -172,6 +173,7 @@ def steps_section(steps) -> str:
         out.append(pruning_details(s.get("details")))
         out.append(lowrank_details(s.get("details")))
         out.append(training_details(s.get("details")))
+        out.append(early_exit_details(s.get("details")))
         skipped = [k for k in s.get("skipped") or [] if isinstance(k, dict)]
         if skipped:
             items = "".join(f"<li><code>{esc(k.get('name', '?'))}</code>: {esc(k.get('reason', ''))}</li>"
