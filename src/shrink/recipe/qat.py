@@ -5,9 +5,14 @@
 The loss (loss: auto): with labeled batches (the digits classifiers) half cross-entropy
 on the labels plus half distillation from the uncompressed model (KL, T^2-scaled); with
 unlabeled batches distillation alone (logits, or the last hidden states of an encoder).
-Measured on digits-mlp and digits-cnn at int2 (docs/BENCHMARKS.md, QAT): the mixed loss
-was the best or within a test image of it in every setting, labels alone and teacher
-alone each lost more in some; "ce", "distill" and "lm" can be asked for by name.
+Measured on digits-mlp and digits-cnn at int2 per channel and int2-g128 (docs/BENCHMARKS.md,
+QAT): the mixed loss was the best of ce, distill and ce+distill in 3 of the 4 settings (by
+1 to 5 test images) and 3 images behind ce in the fourth; "ce", "distill", "ce+distill" and
+"lm" can be asked for by name.
+
+What trains: the target layers' float weights through their fake quantizers (and their
+scales with lsq), and every other trainable float parameter of the model (biases, norms,
+layers left float). Ranges: min/max of each block, frozen after `freeze_after` of the steps.
 
 Targets an earlier PTQ step quantized with the same format (gptq, rtn, awq) start from
 its codes and scales: QAT refines the PTQ result. Activations fake-quantized in training
