@@ -45,6 +45,21 @@ def run(args) -> int:
     return 0
 
 
+def _agreement(a: dict, v: dict) -> str:
+    """One line for an agreement record of any kind: a causal LM's logits, an encoder's
+    embeddings, a classifier's predictions."""
+    if "top1_agreement" in a:
+        extra = f", greedy {a['greedy_match']}/{v['greedy']['generated']} tokens" if "greedy_match" in a else ""
+        return (f"logits rel. RMS error {a['rel_rmse']:.2e}, top-1 agreement {100 * a['top1_agreement']:.1f}% "
+                f"over {a['tokens']} tokens{extra}")
+    if "min_cosine" in a:
+        return f"embedding cosine min {a['min_cosine']:.6f}, hidden-state rel. RMS error {a['rel_rmse']:.2e}"
+    if "agreement" in a:
+        return (f"logits rel. RMS error {a['rel_rmse']:.2e}, prediction agreement {100 * a['agreement']:.1f}% "
+                f"over {a.get('examples', '?')} examples")
+    return ", ".join(f"{k} {val}" for k, val in a.items() if isinstance(val, (int, float)))
+
+
 def _summary(r: dict) -> str:
     lines = [f"{r['path']}: {r['format']}, {r.get('bytes', 0) / 1e6:.2f} MB"]
     if r.get("tensor_types"):
@@ -58,9 +73,7 @@ def _summary(r: dict) -> str:
     for key, label in (("vs_stored_weights", "vs the stored weights"), ("vs_shrink_model", "vs shrink's model")):
         a = v.get(key)
         if a:
-            extra = f", greedy {a['greedy_match']}/{v['greedy']['generated']} tokens" if "greedy_match" in a else ""
-            lines.append(f"  {label}: logits rel. RMS error {a['rel_rmse']:.2e}, top-1 agreement "
-                         f"{100 * a['top1_agreement']:.1f}% over {a['tokens']} tokens{extra}")
+            lines.append(f"  {label}: {_agreement(a, v)}")
     if v.get("bit_exact") is not None:
         lines.append(f"  {v['tensors']} tensors bit-exact: {v['bit_exact']}")
     lat = v.get("latency") or {}
