@@ -20,7 +20,7 @@ from shrink.data.labeled import split_batch
 from shrink.modules.quant_linear import QuantLinear
 from shrink.surgery.capture import call_model
 from shrink.train.engine import TrainOptions
-from shrink.train.lora import apply_lora, fold_lora, lora_layers, merge_lora, train_lora, unmerge_lora
+from shrink.train.lora import apply_lora, base_spec, fold_lora, lora_layers, merge_lora, train_lora, unmerge_lora
 from shrink.train.loop import output_tensor
 
 from .context import StepContext
@@ -59,7 +59,7 @@ def run_lora(work: nn.Module, step: LoRA, ctx: StepContext, rec: StepRecord) -> 
     d.update({"rank": step.rank, "alpha": step.alpha, "scaling": step.alpha / step.rank, "dropout": step.dropout,
               "init": "A ~ N(0, (1/rank)^2), B = 0", "adapted_layers": len(applied.layers),
               "targets": list(step.targets) if step.targets else "every Linear but the output head",
-              "base_format": f"{step.base_format}-g{64 if step.base_format == 'nf4' else 128}" if step.base_bits
+              "base_format": f"{step.base_format}-g{base_spec(step.base_format).group_size}" if step.base_bits
               else "float (unchanged)",
               "trainable_params": applied.adapter_params, "model_params": total,
               "trainable_percent": 100.0 * applied.adapter_params / max(1, total)})
