@@ -1,7 +1,7 @@
 """Knowledge distillation on the built-in models (issue 7): students built from the teacher.
 
 Run: .venv/bin/python bench/bench_distill.py [--sections digits,minilm] [--seeds 3]
-     [--steps 400] [--minilm-steps 60] [--threads 2] [--quick]
+     [--steps 1000] [--lr 0.01] [--minilm-steps 60] [--threads 2] [--quick]
 Prints Markdown tables; docs/BENCHMARKS.md records a run.
 
 - digits: digits-mlp and digits-cnn, a {width: 0.25} student (>= 6x fewer parameters: every
@@ -132,8 +132,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--minilm-steps", type=int, default=60)
