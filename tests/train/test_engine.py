@@ -201,4 +201,6 @@ def test_rebatch_keeps_every_sample_in_order():
     assert [b["input_ids"].shape[0] for b in d] == [4, 1]
     with pytest.raises(ValueError, match="batch_size"):
         rebatch(data, 0)
+    with pytest.raises(ValueError, match="different sequence shapes"):
+        rebatch([{"input_ids": torch.zeros(2, 5, dtype=torch.long)}, {"input_ids": torch.zeros(2, 7, dtype=torch.long)}], 3)
     assert math.isclose(1.0, 1.0)

@@ -33,12 +33,19 @@ def rebatch(batches: list, batch_size: int) -> list:
         labels = rebatch([b.labels for b in batches], batch_size)
         return [Labeled(x, y) for x, y in zip(inputs, labels)]
     if isinstance(first, torch.Tensor):
+        if len({tuple(b.shape[1:]) for b in batches}) > 1:
+            raise ValueError("cannot re-batch: the batches have different shapes after the first dimension; "
+                             "leave batch_size unset to train on the batches as they are")
         whole = torch.cat(list(batches))
         return list(whole.split(batch_size))
     if isinstance(first, dict):
         keys = list(first)
         if any(not isinstance(b, dict) or list(b) != keys for b in batches):
             raise ValueError("cannot re-batch: the batches are dicts with different keys")
+        shapes = {tuple(b[k].shape[1:]) for b in batches for k in keys[:1]}
+        if len(shapes) > 1:
+            raise ValueError(f"cannot re-batch: the batches have different sequence shapes ({sorted(shapes)[:3]}); "
+                             "leave batch_size unset to train on the batches as they are")
         cols = {k: torch.cat([b[k] for b in batches]) for k in keys}
         n = next(iter(cols.values())).shape[0]
         return [{k: v[i:i + batch_size] for k, v in cols.items()} for i in range(0, n, batch_size)]

@@ -170,6 +170,17 @@ def _effective(mod: nn.Module) -> nn.Module | None:
     return None
 
 
+GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "attn.q_attn", "mlp.c_fc", "mlp.c_proj")
+
+
+def _was_conv1d(model: nn.Module, name: str) -> bool:
+    """A layer that was a transformers Conv1D before compression (GPT-2's attention and MLP
+    projections): a quantized or sparse layer stores [out, in] like a Linear, but a GPT-2
+    checkpoint must hold [in, out] there, or transformers refuses (or, square, transposes) it."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None) == "gpt2" and name.endswith(GPT2_CONV1D)
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
     """A float32 deep copy of `model` with every compressed module replaced by the plain
     layer computing its effective weight; the input model is not modified. An EarlyExitModel
@@ -181,7 +192,10 @@ def plain_copy(model: nn.Module) -> nn.Module:
     for name in names:
         if any(name.startswith(f"{d}.") for d in done):
             continue  # the inner layer of an InputScaled already replaced
-        replace_module(out, name, _effective(dict(out.named_modules())[name]))
+        plain = _effective(dict(out.named_modules())[name])
+        if isinstance(plain, nn.Linear) and _was_conv1d(out, name):
+            plain = _conv1d(plain)   # GPT-2 keeps [in, out] Conv1D weights: transformers loads them so
+        replace_module(out, name, plain)
         done.append(name)
     out = out.to(torch.float32)
     out.eval()
