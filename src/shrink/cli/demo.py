@@ -4,7 +4,8 @@
 2. formats: every weight matrix of the pretrained MiniLM in each number format
    (stored bytes, compression, SQNR);
 3. compress: MiniLM and tiny-gpt with a few recipes (quantization, and pruning before it),
-   digits-cnn pruned 2:4 by SparseGPT, each measured before and after
+   digits-cnn pruned 2:4 by SparseGPT, digits-mlp distilled into a half-width student then
+   int8, each measured before and after
    (size, quality, latency, energy) into DIR/NAME/ with its report.html;
 4. export: tiny-gpt's GPTQ model to GGUF (its codes carried into Q4_1), proven in llama.cpp;
 5. search: a small space on tiny-gpt to a quality floor, Pareto front and choice;
@@ -26,7 +27,7 @@ from shrink.models import minilm_dir, read_safetensors
 from shrink.quant import QuantSpec
 
 RUNS = [("minilm", "int8"), ("minilm", "w4-gptq"), ("tiny-gpt", "w4-gptq"), ("tiny-gpt", "mixed-4.5"),
-        ("tiny-gpt", "prune50-wanda+w4"), ("digits-cnn", "prune-2:4-sparsegpt")]
+        ("tiny-gpt", "prune50-wanda+w4"), ("digits-cnn", "prune-2:4-sparsegpt"), ("digits-mlp", "distill+int8")]
 QUICK_RUNS = [("minilm", "int8"), ("tiny-gpt", "w4-gptq")]
 SEARCH = {"model": "tiny-gpt", "max_drop": 1.0, "space": "small", "full": 2}
 QUICK_SEARCH = {"model": "digits-mlp", "max_drop": 1.0, "space": "small", "full": 2}
