@@ -166,14 +166,14 @@ def _brief(m: dict) -> dict:
 
 def _print_journey(doc: dict) -> None:
     print("\nCompressed (measured before -> after; 2 warm-ups, median of 7 for latency)\n")
-    head = f"{'model':<10}{'recipe':<12}{'MB':>16}{'R':>7}{'quality':>28}{'A':>8}{'L':>7}{'E':>7}"
+    head = f"{'model':<11}{'recipe':<20}{'MB':>16}{'R':>7}{'quality':>28}{'A':>8}{'L':>7}{'E':>7}"
     print(head)
     print("-" * len(head))
     for r in doc["runs"]:
         b, c, x = r["baseline"], r["compressed"], r["ratios"]
         q = f"{b['quality']['value']:.4f} -> {c['quality']['value']:.4f}"
         fmt = lambda v, pct=False: "n/a" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}x")  # noqa: E731
-        print(f"{r['model']:<10}{r['recipe']:<12}{b['size_bytes'] / 1e6:>7.2f} -> {c['size_bytes'] / 1e6:<6.2f}"
+        print(f"{r['model']:<11}{r['recipe']:<20}{b['size_bytes'] / 1e6:>7.2f} -> {c['size_bytes'] / 1e6:<6.2f}"
               f"{fmt(x['R']):>7}{b['quality']['name'][:10]:>12} {q:>15}{fmt(x['A'], True):>8}{fmt(x['L']):>7}"
               f"{fmt(x['E']):>7}")
     for e in doc.get("exports", []):
