@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import shrink
-from shrink.data.labeled import Labeled
+from shrink.data.labeled import labeled_batches
+from shrink.eval.quality import accuracy_metric
 from shrink.models.compressed import load_compressed, save_compressed
 from shrink.recipe import compress, parse_recipe
 from shrink.recipe.rules import check_order
@@ -21,16 +22,12 @@ def digits():
     from shrink.models.digits import digits_data
 
     d = digits_data()
-    train = [Labeled(d.x_train[i:i + 64], d.y_train[i:i + 64]) for i in range(0, 640, 64)]
+    train = labeled_batches(d.x_train[:640], d.y_train[:640])
     return shrink.load("digits-mlp"), train, d
 
 
 def _accuracy(d):
-    def metric(m):
-        with torch.no_grad():
-            return {"name": "accuracy", "value": float((m(d.x_test).argmax(-1) == d.y_test).float().mean()),
-                    "higher_is_better": True}
-    return metric
+    return accuracy_metric(d.x_test, d.y_test)
 
 
 def test_width_student_of_digits_mlp_round_trips(digits, tmp_path):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import shrink
-from shrink.data.labeled import Labeled
+from shrink.data.labeled import labeled_batches
+from shrink.eval.quality import accuracy_metric
 from shrink.export.dense import carried_layers, is_compressed, plain_copy
 from shrink.models.compressed import load_compressed, save_compressed
 from shrink.modules import EarlyExitModel, QuantLinear
@@ -26,16 +27,12 @@ def digits():
     from shrink.models.digits import digits_data
 
     d = digits_data()
-    train = [Labeled(d.x_train[i:i + 64], d.y_train[i:i + 64]) for i in range(0, 640, 64)]
+    train = labeled_batches(d.x_train[:640], d.y_train[:640])
     return shrink.load("digits-mlp"), train, d
 
 
 def _accuracy(d):
-    def metric(m):
-        with torch.no_grad():
-            return {"name": "accuracy", "value": float((m(d.x_test).argmax(-1) == d.y_test).float().mean()),
-                    "higher_is_better": True}
-    return metric
+    return accuracy_metric(d.x_test, d.y_test)
 
 
 def _build(name):

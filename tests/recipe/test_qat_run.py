@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import shrink
-from shrink.data.labeled import Labeled
+from shrink.data.labeled import labeled_batches
 from shrink.models.digits import accuracy, digits_data
 from shrink.modules.quant_linear import QuantLinear
 from shrink.recipe import compress
@@ -21,7 +21,7 @@ INT2 = {"bits": 2, "group_size": None, "symmetric": True}
 @pytest.fixture(scope="module")
 def digits():
     split = digits_data()
-    train = [Labeled(split.x_train[i:i + 64], split.y_train[i:i + 64]) for i in range(0, split.x_train.shape[0], 64)]
+    train = labeled_batches(split.x_train, split.y_train)
     calib = [split.x_train[i:i + 64] for i in range(0, 256, 64)]
 
     def metric(m):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shrink.data.labeled import Labeled
+from shrink.data.labeled import labeled_batches
 from shrink.models.digits import digits_cnn, digits_data, digits_mlp
 from shrink.modules import EarlyExitModel
 from shrink.train.early_exit import attach_exits, batch1_latency_ms, exit_accuracies, exit_loss, tradeoff, train_exits
@@ -25,7 +25,7 @@ def data():
 
 
 def _labeled(d, n=256, bs=64):
-    return [Labeled(d.x_train[i:i + bs], d.y_train[i:i + bs]) for i in range(0, n, bs)]
+    return labeled_batches(d.x_train[:n], d.y_train[:n], bs)
 
 
 def _trained_base(kind: str) -> nn.Sequential:

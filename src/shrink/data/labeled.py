@@ -13,6 +13,13 @@ class Labeled(NamedTuple):
     labels: torch.Tensor   # class indices, one per sample (or per position)
 
 
+def labeled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int = 64) -> list[Labeled]:
+    """Inputs and their labels cut into Labeled batches of `batch_size` rows, in order."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"labeled_batches: {x.shape[0]} inputs but {y.shape[0]} labels")
+    return [Labeled(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+
+
 def split_batch(batch) -> tuple[Any, torch.Tensor | None]:
     """(inputs, labels) of a Labeled batch; (batch, None) for anything else."""
     if isinstance(batch, Labeled):

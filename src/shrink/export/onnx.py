@@ -37,6 +37,7 @@ from torch import nn
 from shrink.export.dense import carried_layers, is_compressed, plain_copy
 from shrink.export.verify import VerificationError, compare_logits, heldout_ids
 from shrink.fsutil import write_bytes_atomic, write_json_atomic
+from shrink.models.io import is_causal_lm
 
 QUANT_MODES = ("auto", "none", "int8", "int4")
 MIN_OPSET = 18
@@ -76,8 +77,7 @@ def model_kind(model: nn.Module) -> str:
         if "input_ids" not in params:
             raise ValueError(f"{name}: the ONNX export takes text models (input_ids); this model takes "
                              f"{', '.join(list(params)[:3])}")
-        archs = getattr(config, "architectures", None) or []
-        if hasattr(model, "generation_config") or any("CausalLM" in a or "LMHead" in a for a in archs):
+        if is_causal_lm(model):
             if getattr(model, "get_output_embeddings", lambda: None)() is None:
                 raise ValueError(f"{name}: a causal LM without an output head")
             return "causal-lm"

@@ -69,8 +69,8 @@ def export(model_ref: str, fmt: str, out: str | Path, *, verify: bool = True,
     beside the artifact). Raises ValueError for bad input before any work, and
     `VerificationError` when the runtime disagrees beyond the format's expected error."""
     from shrink.export.verify import heldout_ids
-    from shrink.models.io import load
-    from shrink.recipe.job import _jsonable, is_causal_lm, source_of
+    from shrink.models.io import is_causal_lm, load
+    from shrink.recipe.job import _jsonable, source_of
 
     kind, sub = parse_format(fmt)
     if verify:

@@ -355,3 +355,10 @@ def load_tokenizer(name_or_path: str | os.PathLike, progress: Callable[[int], No
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json or vocab.txt)")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def is_causal_lm(model) -> bool:
+    """A text generator: transformers gives it a generation_config, or its config names a
+    *CausalLM / *LMHead architecture."""
+    archs = getattr(getattr(model, "config", None), "architectures", None) or []
+    return hasattr(model, "generation_config") or any("CausalLM" in a or "LMHead" in a for a in archs)

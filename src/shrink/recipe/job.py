@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from shrink.fsutil import write_json_atomic
+from shrink.models.io import is_causal_lm
 
 from .figures import plan_section
 from .measure import measure
@@ -24,12 +25,6 @@ from .run import CompressResult, compress
 from .steps import needs_calibration, parse_recipe
 
 Progress = Callable[[str, int, int], None]
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    cfg = getattr(model, "config", None)
-    archs = getattr(cfg, "architectures", None) or []
-    return hasattr(model, "generation_config") or any("CausalLM" in a or "LMHead" in a for a in archs)
 
 
 PROXY_SAMPLES, PROXY_TOKENS, PROXY_SENTENCES = 16, 4096, 32
@@ -78,10 +73,9 @@ def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_l
         batches = [x[i:i + 64] for i in range(0, x.shape[0], 64)]
         # training steps (qat, distill, early_exit, finetune with loss ce) learn from the whole
         # labeled training split
-        from shrink.data.labeled import Labeled
+        from shrink.data.labeled import labeled_batches
 
-        train = [Labeled(split.x_train[i:i + 64], split.y_train[i:i + 64])
-                 for i in range(0, split.x_train.shape[0], 64)]
+        train = labeled_batches(split.x_train, split.y_train)
         return Prepared(model, batches, accuracy_metric(split.x_test, split.y_test), {"kind": "builtin", "name": name},
                         train)
     base = {"kind": "hf"} if getattr(model, "config", None) is not None else {"kind": "builtin", "name": name}

@@ -29,10 +29,11 @@ from torch import nn
 
 from shrink.algos.kd import check_alpha, check_temperature, hidden_loss as hidden_distance, kd_loss
 from shrink.data.labeled import split_batch
+from shrink.models.io import is_causal_lm
 from shrink.surgery.capture import call_model
 
 from .engine import TrainOptions, TrainRecord, train
-from .loop import _is_causal, _token_ids, has_logits, output_tensor
+from .loop import _token_ids, has_logits, output_tensor
 from .students import default_layer_map, layer_taps
 
 KINDS = ("classifier", "causal", "encoder")
@@ -78,7 +79,7 @@ def setup(student: nn.Module, teacher: nn.Module, batch, *, temperature: float =
     inputs, labels = split_batch(batch)
     if not has_logits(teacher, inputs):
         kind = "encoder"
-    elif _is_causal(teacher) and _token_ids(inputs) is not None:
+    elif is_causal_lm(teacher) and _token_ids(inputs) is not None:
         kind = "causal"
     else:
         kind = "classifier"

@@ -24,6 +24,7 @@ from torch import nn
 
 from shrink.algos.kd import hidden_loss, soft_kl
 from shrink.data.labeled import split_batch
+from shrink.models.io import is_causal_lm
 from shrink.surgery.capture import call_model
 
 from .engine import TrainOptions, TrainRecord, train
@@ -95,13 +96,9 @@ def resolve_loss(loss: str, model: nn.Module, batch, teacher: nn.Module | None =
     if split_batch(batch)[1] is not None:
         return "ce"
     ids = _token_ids(batch)
-    return "lm" if ids is not None and ids.dim() == 2 and _is_causal(model) else "distill"
+    return "lm" if ids is not None and ids.dim() == 2 and is_causal_lm(model) else "distill"
 
 
-def _is_causal(model: nn.Module) -> bool:
-    cfg = getattr(model, "config", None)
-    archs = getattr(cfg, "architectures", None) or []
-    return hasattr(model, "generation_config") or any("CausalLM" in a or "LMHead" in a for a in archs)
 
 
 
