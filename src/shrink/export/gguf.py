@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from shrink.export.dense import Grid, carried_layers, plain_copy
+from shrink.export.gguf_vocab import add_tokenizer
 from shrink.fsutil import file_mode
 
 ARCHS = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
@@ -169,45 +170,6 @@ def _add_hparams(w, model: nn.Module, arch: str) -> None:
         w.add_layer_norm_eps(float(cfg.layer_norm_epsilon))
 
 
-def _add_tokenizer(w, tokenizer, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer (tokenizer.ggml.model 'gpt2'); others are refused."""
-    import json
-
-    import gguf
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError("GGUF export: the tokenizer has no fast (tokenizers) backend to read its vocabulary from")
-    spec = json.loads(backend.to_str())
-    model = spec.get("model", {})
-    pre = json.dumps(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
-        raise ValueError(f"GGUF export: the tokenizer is {model.get('type')} with pre-tokenizer {pre[:80]}; shrink "
-                         "writes byte-level BPE tokenizers (GPT-2 style) to GGUF. Convert a SentencePiece model "
-                         "with llama.cpp's convert_hf_to_gguf.py")
-    vocab = tokenizer.get_vocab()
-    n = max(vocab_size, max(vocab.values()) + 1)
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    types = [gguf.TokenType.UNUSED] * n
-    for tok, i in vocab.items():
-        tokens[i] = tok
-        types[i] = gguf.TokenType.NORMAL
-    for added in spec.get("added_tokens", []):
-        if added.get("special") and added["id"] < n:
-            types[added["id"]] = gguf.TokenType.CONTROL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types([int(t) for t in types])
-    w.add_token_merges(merges)
-    for kind in ("bos", "eos", "pad", "unk"):
-        tid = getattr(tokenizer, f"{kind}_token_id", None)
-        if tid is not None:
-            getattr(w, f"add_{kind}_token_id")(int(tid))
-    w.add_add_bos_token(False)
-
-
 # ----------------------------------------------------------------------------- carrying codes
 
 def carrier(grid: Grid) -> str | None:
@@ -314,7 +276,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, type_name: str, *,
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name(name)
         _add_hparams(w, model, arch)
-        _add_tokenizer(w, tokenizer, int(tensors[0].data.shape[0]))
+        add_tokenizer(w, tokenizer, int(tensors[0].data.shape[0]))
         quantized = False
         for i, t in enumerate(tensors):
             ttype = chosen[t.name]

@@ -66,7 +66,7 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 
 
 def _sentencepiece(info: GGUFInfo, tokens: list[str], vocab: dict[str, int], types):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     scores = _numbers(info, "tokenizer.ggml.scores", len(tokens))
     if scores is None:
@@ -87,8 +87,10 @@ def _sentencepiece(info: GGUFInfo, tokens: list[str], vocab: dict[str, int], typ
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[m[3:] for m in merges], unk_token=unk,
                                fuse_unk=True, byte_fallback=True))
     prefix = bool(info.metadata.get("tokenizer.ggml.add_space_prefix", True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
-                                                 split=False)
+    # "▁" before the text always (as llama.cpp and SentencePiece do; transformers' Metaspace
+    # skips it when the text already starts with a space), then every space as "▁"
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if prefix else [])
+                                          + [normalizers.Replace(" ", "\u2581")])
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return tok
