@@ -2,7 +2,9 @@
 a manifest saying which modules are compressed and how. Reloads bit-exactly.
 
 DIR/
-  model.safetensors   every tensor of the compressed model (packed codes, scales, ...)
+  model.safetensors   every tensor of the compressed model (packed codes, scales, ...); a
+                      streamed run (recipe/stream.py) writes model-0000k-of-0000N.safetensors
+                      shards and model.safetensors.index.json instead
   config.json         the base model's Hugging Face config (for transformers models)
   manifest.json       format version, how to build the base, per-module type and spec (a
                       QuantConv2d also its geometry: kernel, stride, padding, ...; a SparseLinear
@@ -136,14 +138,14 @@ def save_compressed(model: nn.Module, directory: str | Path, *, base: dict, extr
 
 def is_compressed_dir(path: str | Path) -> bool:
     p = Path(path)
-    return (p / "manifest.json").is_file() and (p / "model.safetensors").is_file()
+    from .shards import has_weights   # model.safetensors, or shards with an index (a streamed run)
+
+    return (p / "manifest.json").is_file() and has_weights(p)
 
 
 def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
     """Rebuild the base architecture, put empty compressed modules where the manifest says,
     and load every tensor (strict: a missing or extra tensor is an error)."""
-    from safetensors.torch import load_model
-
     directory = Path(directory)
     where = directory / "manifest.json"
     try:
@@ -201,7 +203,9 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
             shell = InputScaled(shell, torch.ones(int(m["in_features"])))
         replace_module(model, name, shell)
     _check_sparse_sizes(model, sparse, directory / "model.safetensors", where)
-    missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
+    from .shards import load_weights
+
+    missing, unexpected = load_weights(model, directory)   # one file, or shard by shard
     if missing or unexpected:
         raise ValueError(f"{directory / 'model.safetensors'}: tensors do not match the manifest "
                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
