@@ -19,9 +19,13 @@ work (not layers), activation traffic, caches and idle power. It is a
 first-order comparison of two versions of one model - fewer bytes, cheaper
 arithmetic - not a measurement of any device: its ratio is what the report's
 E column shows.
+
+Threads: the hooks count the calls of the thread that asked for the estimate only, so
+estimates and ordinary forwards may run on one shared model at once.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -46,8 +50,11 @@ def energy_estimate(model: nn.Module, batch: Any) -> dict:
     weight_bytes = [0]
     layers = [0]
     handles = []
+    me = threading.get_ident()
 
     def hook(mod, args, out):
+        if threading.get_ident() != me:   # another thread's call of a shared model: not this estimate's
+            return
         macs, precision = _macs(mod, args[0], out)
         counts[precision] = counts.get(precision, 0) + macs
         weight_bytes[0] += _stored_bytes(mod)

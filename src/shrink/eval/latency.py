@@ -10,6 +10,9 @@ one calibration batch; `latency_metric` times both for a model.
 Latency is a property of this machine and its load at that moment: compare
 figures taken side by side, in one run (compress measures the baseline and
 the result the same way, minutes apart).
+
+Threads: timing a model that other threads are running is safe (a model in eval
+mode is not touched), but the figures then include their contention.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shrink.modules._buffers import eval_mode
 from shrink.modules.decode import sync_device
 from shrink.surgery.capture import call_model, to_device
 
@@ -54,19 +58,14 @@ def measure_latency(model: nn.Module, batch: Any, *, warmup: int = 2, runs: int 
     device = _device(model)
     batch = to_device(batch, device)
     times = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + runs):
-                sync_device(device)
-                t0 = time.perf_counter()
-                call_model(model, batch, move=False)  # moved once, above
-                sync_device(device)
-                if i >= warmup:
-                    times.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():   # a model already in eval mode is not touched
+        for i in range(warmup + runs):
+            sync_device(device)
+            t0 = time.perf_counter()
+            call_model(model, batch, move=False)  # moved once, above
+            sync_device(device)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
             "runs": runs, "warmup": warmup, "batch_size": batch_rows(batch)}
 

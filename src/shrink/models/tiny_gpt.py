@@ -26,6 +26,7 @@ from shrink.data.calibration import token_stream
 from shrink.data.corpus import stdlib_corpus
 from shrink.fsutil import write_json_atomic
 from shrink.models.io import build_cached, config_hash, deterministic, models_cache
+from shrink.modules._buffers import eval_mode
 
 # Bump when the training code changes in a way that changes the weights: it is part of the cache key.
 TRAINING_VERSION = 1
@@ -158,10 +159,8 @@ def stream_perplexity(model, stream: torch.Tensor, seq_len: int, max_tokens: int
     windows = _windows(stream, seq_len, max_tokens)
     if not windows:
         raise ValueError("perplexity needs at least 2 tokens of text")
-    was_training = model.training
-    model.eval()
     nll, count = 0.0, 0
-    try:
+    with eval_mode(model):   # a model already in eval mode is not touched: threads may share it
         full = [w for w in windows if w.numel() == seq_len]
         groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
         groups += [[w] for w in windows if w.numel() != seq_len]
@@ -171,8 +170,6 @@ def stream_perplexity(model, stream: torch.Tensor, seq_len: int, max_tokens: int
             nll += torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
             count += ids[:, 1:].numel()
-    finally:
-        model.train(was_training)
     return math.exp(nll / count)
 
 

@@ -13,10 +13,16 @@ each one that splits over 2 threads waits at a barrier for the slower thread;
 when another process holds a core that wait is a scheduler time slice, and the
 decode slows several-fold. One thread avoids it at the price of one core's
 memory bandwidth (docs/BENCHMARKS.md has the numbers).
+
+torch's thread count is process-wide: when several threads decode with `threads` at
+once, the count is set by the first to enter and restored by the last to leave (the
+ones between run with the count in force), so the process never ends with another
+block's setting.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass
 
@@ -41,20 +47,31 @@ class DecodeResult:
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
 
 
+_THREADS_LOCK = threading.Lock()
+_threads_state = {"active": 0, "before": None}   # blocks open now; the count to restore when the last leaves
+
+
 @contextlib.contextmanager
 def intra_op_threads(threads: int | None):
-    """torch.set_num_threads(threads) inside the block, the previous count restored after (None: unchanged)."""
+    """torch.set_num_threads(threads) inside the block, the previous count restored after (None: unchanged).
+    Blocks open in several threads at once share one setting: the first sets it, the last restores it."""
     if threads is None:
         yield
         return
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    with _THREADS_LOCK:
+        if _threads_state["active"] == 0:
+            _threads_state["before"] = torch.get_num_threads()
+            torch.set_num_threads(threads)
+        _threads_state["active"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _THREADS_LOCK:
+            _threads_state["active"] -= 1
+            if _threads_state["active"] == 0:
+                torch.set_num_threads(_threads_state["before"])
 
 
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,

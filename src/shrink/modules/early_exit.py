@@ -18,11 +18,17 @@ training), other features flattened.
 
 The base Sequential is kept whole as `self.base` (its parameters named `base.<i>...`),
 so the full-depth path is the original model, computed by the same modules.
+
+Threads: forward keeps its per-call state (the rows still undecided, the counts) in
+locals and reads the threshold once, so one model may serve several threads. `recording()`
+counts the calls of the thread that opened it only (a recorder per thread), and
+`exit_macs()` counts its own calls only, whatever other threads run meanwhile.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -32,6 +38,7 @@ from torch import nn
 _ABSORBED = ("torch.nn.modules.activation", "torch.nn.modules.batchnorm", "torch.nn.modules.normalization",
              "torch.nn.modules.dropout", "torch.nn.modules.instancenorm")
 POOLS = ("avg2x2", "flatten")
+_RECORDERS_LOCK = threading.Lock()   # module level: a Lock attribute would make the model un-deep-copyable
 
 
 def _absorbed(m: nn.Module) -> bool:
@@ -206,7 +213,7 @@ class EarlyExitModel(nn.Module):
         self.n_layers = len(sequential_layers(base))
         self.threshold = threshold
         self.base_frozen = False   # train() keeps the base in eval mode (BatchNorm statistics untouched)
-        self._stats: ExitStats | None = None
+        self._recorders: dict[int, ExitStats] = {}   # thread id -> the stats its recording() block counts
 
     @property
     def threshold(self) -> float:
@@ -248,22 +255,24 @@ class EarlyExitModel(nn.Module):
         return outs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or self._threshold >= 1.0:
+        threshold = self._threshold   # read once: a concurrent change applies from the next call
+        if self.training or threshold >= 1.0:
             out = self.base(x)
-            if self._stats is not None:
+            stats = self._recorder()
+            if stats is not None:
                 self._record([0] * len(self.heads) + [int(out.shape[0])])
-                self._stats.plain += int(out.shape[0])
+                stats.plain += int(out.shape[0])
             return out
         n = int(x.shape[0])
         if n == 1:
-            return self._forward_one(x)
+            return self._forward_one(x, threshold)
         counts = [0] * (len(self.heads) + 1)
         idx = torch.arange(n, device=x.device)
         out, h = None, x
         for j, head in enumerate(self.heads):
             h = self._stage(h, j)
             logits = head(h)
-            leave = logits.float().softmax(-1).amax(-1) >= self._threshold
+            leave = logits.float().softmax(-1).amax(-1) >= threshold
             k = int(leave.sum())
             counts[j] = k
             if k == 0:
@@ -287,14 +296,14 @@ class EarlyExitModel(nn.Module):
         out[idx] = final.to(out.dtype)
         return out
 
-    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_one(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
         """One row: the same decisions as the batched path without its index bookkeeping."""
         counts = [0] * (len(self.heads) + 1)
         h = x
         for j, head in enumerate(self.heads):
             h = self._stage(h, j)
             logits = head(h)
-            if float(logits.float().softmax(-1).amax()) >= self._threshold:
+            if float(logits.float().softmax(-1).amax()) >= threshold:
                 counts[j] = 1
                 self._record(counts)
                 return logits
@@ -302,11 +311,16 @@ class EarlyExitModel(nn.Module):
         self._record(counts)
         return self._stage(h, len(self.heads))
 
+    def _recorder(self) -> ExitStats | None:
+        """The stats the calling thread's recording() block counts into (None: not recording)."""
+        return self._recorders.get(threading.get_ident()) if self._recorders else None
+
     def _record(self, counts: list[int]) -> None:
-        if self._stats is not None:
-            self._stats.calls += 1
+        stats = self._recorder()
+        if stats is not None:
+            stats.calls += 1
             for j, c in enumerate(counts):
-                self._stats.counts[j] += c
+                stats.counts[j] += c
 
     @torch.no_grad()
     def exit_macs(self, x: torch.Tensor) -> tuple[tuple[int, ...], int]:
@@ -314,13 +328,19 @@ class EarlyExitModel(nn.Module):
         passed included; MACs per row of the base model), counted on the rows of x by hooks
         on the Linear- and Conv-like modules."""
         tally: dict[int, int] = {}
+        me = threading.get_ident()
+
+        def count(mod, args, out):   # this call's modules only: other threads may run the model meanwhile
+            if threading.get_ident() == me:
+                tally[id(mod)] = tally.get(id(mod), 0) + _layer_macs(mod, out)
+
         hooks = []
         for m in self.modules():
             if _is_counted(m) and not any(_is_counted(c) for c in m.modules() if c is not m):
-                hooks.append(m.register_forward_hook(
-                    lambda mod, args, out: tally.__setitem__(id(mod), tally.get(id(mod), 0) + _layer_macs(mod, out))))
+                hooks.append(m.register_forward_hook(count))
         was = self.training
-        self.eval()
+        if was:
+            self.eval()
         try:
             h, stage, head = x, [], []
             for j in range(len(self.heads) + 1):
@@ -334,7 +354,8 @@ class EarlyExitModel(nn.Module):
         finally:
             for hk in hooks:
                 hk.remove()
-            self.train(was)
+            if was:
+                self.train(was)
         rows = max(1, int(x.shape[0]))
         at = [sum(stage[:j + 1]) + sum(head[:j + 1]) for j in range(len(self.heads))]
         at.append(sum(stage) + sum(head))
@@ -342,15 +363,20 @@ class EarlyExitModel(nn.Module):
 
     @contextlib.contextmanager
     def recording(self, macs: tuple[tuple[int, ...], int] | None = None) -> Iterator[ExitStats]:
-        """Count where the samples leave in the calls made inside the block; macs: exit_macs()'s
-        result, for the compute fraction."""
-        prev = self._stats
-        self._stats = ExitStats(self.layers_at(), macs_at=None if macs is None else tuple(macs[0]),
-                                base_macs=None if macs is None else int(macs[1]))
+        """Count where the samples leave in the calls this thread makes inside the block (calls
+        from other threads are not counted); macs: exit_macs()'s result, for the compute fraction."""
+        me = threading.get_ident()
+        prev = self._recorders.get(me)
+        stats = ExitStats(self.layers_at(), macs_at=None if macs is None else tuple(macs[0]),
+                          base_macs=None if macs is None else int(macs[1]))
+        with _RECORDERS_LOCK:   # writers one at a time; a new dict each time: forward reads without a lock
+            self._recorders = {**self._recorders, me: stats}
         try:
-            yield self._stats
+            yield stats
         finally:
-            self._stats = prev
+            with _RECORDERS_LOCK:
+                rest = {k: v for k, v in self._recorders.items() if k != me}
+                self._recorders = rest if prev is None else {**rest, me: prev}
 
     def describe(self) -> dict:
         """What a manifest needs to rebuild this wrapper around a fresh base."""

@@ -21,6 +21,10 @@ float layer — re-quantize it with a later step if wanted).
 `source` says which layer the adapters were put on: "linear", or "conv1d" (the base may
 since have been quantized into a QuantLinear); merged layers go back to that layout so the
 architecture's own loader reads them.
+
+Threads: forward mutates nothing and reads `merged_weight` once, so several threads may
+share the layer; merge()/unmerge() swap that one reference whole (a call already running
+finishes on the weight it started with).
 """
 from __future__ import annotations
 

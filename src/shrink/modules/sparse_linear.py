@@ -30,9 +30,12 @@ storage and the no-speedup trap"). The fast paths run when autograd is off
 (torch.no_grad / inference_mode) or nothing needs a gradient.
 
 SparseConv2d (shrink.modules.sparse_conv2d) shares the storage and is re-exported here.
+Forward never mutates the module (the CSR view is built per call around the stored
+tensors), so one model may serve several threads.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -46,6 +49,7 @@ from shrink.modules.sparse_conv2d import SparseConv2d
 __all__ = ["KERNELS", "SparseConv2d", "SparseLinear", "select_sparse_kernel"]
 KERNELS = ("csr_cpu", "semi_structured_cuda", "dense_rebuild")
 _csr_warned = False
+_csr_warn_lock = threading.Lock()  # warnings.catch_warnings swaps a process-wide filter list: one thread at a time
 
 
 class SparseLinear(SparseBase):
@@ -135,11 +139,15 @@ class SparseLinear(SparseBase):
         global _csr_warned
         crow = self.crow_indices
         if not _csr_warned:  # torch warns once per process that sparse CSR is "beta": not the user's concern
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.sparse_csr_tensor(crow[:1], crow[:0], self.values[:0], (0, self.in_features),
-                                        check_invariants=False)
-            _csr_warned = True
+            # Under a lock: two threads inside catch_warnings at once could restore each other's
+            # saved filters and leave "ignore everything" installed for the whole process.
+            with _csr_warn_lock:
+                if not _csr_warned:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        torch.sparse_csr_tensor(crow[:1], crow[:0], self.values[:0], (0, self.in_features),
+                                                check_invariants=False)
+                    _csr_warned = True
         # the indices were checked when the module was built or loaded (SparseBase.stored)
         csr = torch.sparse_csr_tensor(crow, self.col_indices.to(crow.dtype), self.values,
                                       (self.out_features, self.in_features), check_invariants=False)
