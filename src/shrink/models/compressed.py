@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from shrink.fsutil import replace_dir
+from shrink.models.checks import check_compressed_layout, check_finite_file, check_manifest, one_line
 from shrink.modules import (EarlyExitModel, InputScaled, LoRALinear, LowRankLinear, QuantConv2d, QuantLinear,
                             SparseConv2d, SparseLinear, W8A8Linear)
 from shrink.quant import QuantSpec
@@ -143,18 +144,30 @@ def is_compressed_dir(path: str | Path) -> bool:
     return (p / "manifest.json").is_file() and has_weights(p)
 
 
-def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
+def load_compressed(directory: str | Path, build_builtin=None, _meta: bool = False) -> nn.Module:
     """Rebuild the base architecture, put empty compressed modules where the manifest says,
-    and load every tensor (strict: a missing or extra tensor is an error)."""
+    and load every tensor (strict: a missing or extra tensor is an error). The manifest and
+    the file are checked first (models/checks.py): the whole model is assembled on the meta
+    device and compared with the file's tensors before anything is allocated."""
     directory = Path(directory)
     where = directory / "manifest.json"
     try:
         manifest = json.loads(where.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: cannot read the manifest ({e})") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{where}: cannot read the manifest ({one_line(e)})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{where}: a manifest must be a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{where}: not a shrink-compressed v{VERSION} manifest "
                          f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})")
+    if not _meta:
+        from .shards import weight_files
+
+        weights = weight_files(directory)   # model.safetensors, or a streamed run's shards
+        manifest = check_manifest(manifest, where, weights)
+        layout = _layout_model(directory, manifest, build_builtin)
+        if layout is not None:
+            check_compressed_layout(layout, weights, where, manifest.get("modules") or {})
     base = manifest.get("base") or {}
     if base.get("kind") == "hf":
         model = _build_hf(directory, base.get("class"))
@@ -202,6 +215,12 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
         if m.get("input_scaled"):
             shell = InputScaled(shell, torch.ones(int(m["in_features"])))
         replace_module(model, name, shell)
+    if _meta:
+        return model
+    if layout is None:   # checked on the real model instead, before any tensor is read
+        check_compressed_layout(model, weights, where, manifest.get("modules") or {})
+    for w in weights:
+        check_finite_file(w)
     _check_sparse_sizes(model, sparse, directory / "model.safetensors", where)
     from .shards import load_weights
 
@@ -212,6 +231,23 @@ def load_compressed(directory: str | Path, build_builtin=None) -> nn.Module:
     for name in merged:   # W' is recomputed from the saved base and adapters: the same bytes
         model.get_submodule(name).merge()
     return model.eval()
+
+
+def _layout_model(directory: Path, manifest: dict, build_builtin) -> nn.Module:
+    """The model the manifest describes, on the meta device: its tensors' names, shapes and
+    dtypes without their memory. A built-in base (shrink's own, small) is built for real.
+    None when a module's constructor computes on its values (the meta device has none)."""
+    build = build_builtin
+    if manifest["base"]["kind"] == "builtin" and build_builtin is not None:
+        real = build_builtin(manifest["base"]["name"])
+        build = lambda name: real  # noqa: E731
+    try:
+        with torch.device("meta"):
+            return load_compressed(directory, build, _meta=True)
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" not in str(e):
+            raise
+        return None
 
 
 def _conv_shell(m: dict, where: str) -> QuantConv2d:

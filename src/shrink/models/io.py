@@ -26,6 +26,7 @@ import contextlib
 import difflib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -33,6 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from shrink.models.checks import (check_finite_file, check_finite_state, check_layout, expected_layout, one_line,
+                                  quiet_transformers, read_pickled_weights, read_safetensors, safetensors_header,
+                                  state_layout)
 
 BUILTIN_NAMES = ("minilm", "tiny-gpt", "digits-mlp", "digits-cnn")
 TEXT_MODELS = ("minilm", "tiny-gpt")
@@ -154,11 +159,17 @@ def _unknown(name_or_path, why: str) -> str:
     return f"{text!r}: {why}; built-in models: {', '.join(BUILTIN_NAMES)}{hint}"
 
 
+MAX_CONFIG_BYTES = 16 << 20   # a config.json (or an index) larger than this is not one
+
+
 def _read_config(path: Path) -> dict:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size:,} bytes is too large for a JSON config "
+                         f"(at most {MAX_CONFIG_BYTES:,}); it is not a model config")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a valid JSON config ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a valid JSON config ({one_line(e)})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a model config must be a JSON object")
     return config
@@ -170,6 +181,8 @@ def _hf_class(config: dict, where: Path):
     import transformers
 
     archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"{where}: 'architectures' must be a list of class names, got {archs!r}")
     for arch in archs:
         cls = getattr(transformers, str(arch), None)
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
@@ -181,6 +194,50 @@ def _hf_class(config: dict, where: Path):
     return transformers.AutoModel
 
 
+def _hf_config(config: dict, config_file: Path):
+    """transformers' config object; an unsupported architecture or a value transformers
+    rejects is one ValueError naming config.json."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{config_file}: unsupported architecture: model_type {model_type!r} "
+                         f"(architectures {config.get('architectures')!r}) is not one transformers "
+                         f"{transformers.__version__} knows; shrink loads models of the architectures "
+                         "transformers supports (llama, gpt2, bert, ...)")
+    try:
+        with quiet_transformers():
+            return transformers.AutoConfig.from_pretrained(str(config_file.parent), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - a value the config class rejects: the user's file
+        raise ValueError(f"{config_file}: transformers cannot read this config ({type(e).__name__}: "
+                         f"{one_line(e)}); fix or replace the config.json") from None
+
+
+def _meta_model(cls, hf_config, config_file: Path) -> torch.nn.Module:
+    """The model a config describes, on the meta device (no memory): its tensor layout."""
+    try:
+        with torch.device("meta"), quiet_transformers():
+            return cls._from_config(hf_config)
+    except Exception as e:  # noqa: BLE001 - sizes the model class rejects: the user's config
+        raise ValueError(f"{config_file}: cannot build the model it describes ({type(e).__name__}: "
+                         f"{one_line(e)}); fix or replace the config.json") from None
+
+
+def _check_against_model(weights: Path, found: dict, ref: torch.nn.Module, config_file: Path) -> None:
+    """Shapes and floating dtypes of the file's tensors against the model of the config, and
+    a config that declares far more weights than the file holds refused before anything is
+    allocated (transformers would fill the missing ones with random values)."""
+    expected = expected_layout(ref)
+    prefix = getattr(ref, "base_model_prefix", None)
+    check_layout(weights, found, expected, str(config_file), prefix=prefix)
+    stored = sum(math.prod(s) for _, s in found.values())
+    declared = sum(math.prod(p.shape) for p in {id(p): p for p in ref.parameters()}.values())
+    if declared > 2 * stored + (1 << 20):
+        raise ValueError(f"{config_file}: describes a model of {declared:,} parameters but {weights} holds "
+                         f"{stored:,} values; the weights and the config do not belong together")
+
+
 def _load_hf_dir(path: Path) -> torch.nn.Module:
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -188,12 +245,53 @@ def _load_hf_dir(path: Path) -> torch.nn.Module:
     config = _read_config(config_file)
     if "shrink_model" in config:
         return _load_weights_with_config(_weights_in(path), config, config_file)
+    shards = _safetensors_files(path)
+    if not shards:   # only a pickled checkpoint: read it weights-only ourselves
+        model = _load_weights_with_config(_weights_in(path), config, config_file)
+        model.config.name_or_path = str(path)
+        return model
+    hf_config = _hf_config(config, config_file)
     cls = _hf_class(config, config_file)
+    ref = _meta_model(_concrete_hf_class(cls, hf_config, config_file), hf_config, config_file)
+    found: dict = {}
+    for shard in shards:
+        found.update(safetensors_header(shard))
+    _check_against_model(shards[0] if len(shards) == 1 else path, found, ref, config_file)
+    for shard in shards:
+        check_finite_file(shard)
     try:
-        model = cls.from_pretrained(str(path), local_files_only=True)
+        with quiet_transformers():
+            model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot load the model's weights ({e})") from e
+        raise FileNotFoundError(f"{path}: cannot load the model's weights ({one_line(e)})") from None
+    except (RuntimeError, ValueError) as e:  # shape mismatches, a safetensors error, a bad value
+        raise ValueError(f"{path}: transformers cannot load the model ({one_line(e)})") from None
+    if info["missing_keys"] or info.get("mismatched_keys"):
+        raise _mismatch(path, config_file, info["missing_keys"], info.get("mismatched_keys") or [])
     return model.eval()
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    """model.safetensors, or the shards its index names (each a file in the directory)."""
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    index_file = path / "model.safetensors.index.json"
+    if not index_file.is_file():
+        return []
+    index = _read_config(index_file)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{index_file}: 'weight_map' must map tensor names to shard file names")
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        if Path(name).name != name or name in (".", "..") or not name.endswith(".safetensors"):
+            raise ValueError(f"{index_file}: shard {name!r} is not a .safetensors file name in the model's "
+                             "directory (paths are refused); fix the index")
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{index_file}: shard {name} is missing from {path}")
+        shards.append(path / name)
+    return shards
 
 
 def _weights_in(path: Path) -> Path:
@@ -205,22 +303,12 @@ def _weights_in(path: Path) -> Path:
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from shrink.models.zoo import read_safetensors
-
         return read_safetensors(path)
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refused or a corrupt file
-        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint ({e})") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (names -> tensors)")
-    return state
+    return read_pickled_weights(path)
 
 
 def _mismatch(weights: Path, config_file: Path, missing, unexpected) -> ValueError:
-    missing, unexpected = sorted(missing), sorted(unexpected)
+    missing, unexpected = sorted(missing, key=str), sorted(unexpected, key=str)
     return ValueError(
         f"{weights}: weights do not match the model of {config_file}: "
         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
@@ -246,28 +334,37 @@ def _load_weights_with_config(weights: Path, config: dict, config_file: Path) ->
 
         model = build_digits_model(config, where=config_file)   # cheap: checked before the weights are read
         state = _read_weights(weights)
+        check_layout(weights, state_layout(state), expected_layout(model), str(config_file))
+        check_finite_state(state, weights)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatches
-            raise ValueError(f"{weights}: weights do not fit the model of {config_file} ({e})") from None
+            raise ValueError(f"{weights}: weights do not fit the model of {config_file} ({one_line(e)})") from None
         if missing or unexpected:
             raise _mismatch(weights, config_file, missing, unexpected)
         return model.eval()
 
-    import transformers
-
     if "model_type" not in config:
         raise ValueError(f"{config_file}: a transformers config needs a 'model_type'")
-    hf_config = transformers.AutoConfig.from_pretrained(str(config_file.parent), local_files_only=True)
+    hf_config = _hf_config(config, config_file)
     cls = _concrete_hf_class(_hf_class(config, config_file), hf_config, config_file)
+    ref = _meta_model(cls, hf_config, config_file)
+    found = safetensors_header(weights) if weights.suffix == ".safetensors" else None
+    if found is not None:
+        _check_against_model(weights, found, ref, config_file)
     state = _read_weights(weights)
+    if found is None:
+        _check_against_model(weights, state_layout(state), ref, config_file)
+    check_finite_state(state, weights)
     # from_pretrained with a state dict: built without a random init, tied weights tied, as from a directory
     try:
-        model, info = cls.from_pretrained(None, config=hf_config, state_dict=state, output_loading_info=True)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{weights}: weights do not fit the model of {config_file} ({e})") from None
+        with quiet_transformers():
+            model, info = cls.from_pretrained(None, config=hf_config, state_dict=state, output_loading_info=True)
+    except (RuntimeError, ValueError) as e:  # shape mismatches
+        raise ValueError(f"{weights}: weights do not fit the model of {config_file} ({one_line(e)})") from None
     if info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys"):
-        raise _mismatch(weights, config_file, info["missing_keys"], info["unexpected_keys"])
+        raise _mismatch(weights, config_file, info["missing_keys"],
+                        [*info["unexpected_keys"], *(info.get("mismatched_keys") or [])])
     return model.eval()
 
 
