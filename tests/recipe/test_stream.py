@@ -96,3 +96,32 @@ def test_sharded_load_reports_missing(llama_dir, tmp_path):
     (tmp_path / "s" / index["weight_map"]["lm_head.weight"]).unlink()
     with pytest.raises((ValueError, FileNotFoundError), match="missing"):
         load_weights(model, tmp_path / "s")
+
+
+def test_job_streams_when_forced_and_records_memory(llama_dir, tmp_path, monkeypatch):
+    from shrink.recipe.job import run_job
+
+    monkeypatch.setenv("SHRINK_STREAM", "1")
+    doc = run_job(str(llama_dir), "w4-rtn", tmp_path / "s")
+    monkeypatch.setenv("SHRINK_STREAM", "0")
+    ref = run_job(str(llama_dir), "w4-rtn", tmp_path / "m")
+    assert doc["streamed"] is True and "streamed" not in ref
+    got, want = _tensors(tmp_path / "s" / "model"), load_file(str(tmp_path / "m" / "model" / "model.safetensors"))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+    mem = doc["memory"]
+    assert mem["predicted_streamed_bytes"] > 0 and mem["measured_peak_rss_bytes"] > 0
+    assert "largest block" in mem["derivation"]["streamed"]
+    assert doc["baseline"]["size_bytes"] == ref["baseline"]["size_bytes"]
+    assert doc["compressed"]["size_bytes"] == ref["compressed"]["size_bytes"]
+    assert "quality_note" in doc   # no tokenizer: said, not measured
+    assert json.loads((tmp_path / "s" / "result.json").read_text())["streamed"] is True
+
+
+def test_plan_predicts_job_memory(llama_dir):
+    from shrink.plan.planner import build_plan
+
+    plan = build_plan(str(llama_dir)).to_json()
+    job = plan["job_memory"]
+    assert 0 < job["streamed_bytes"] and job["in_memory_bytes"] > 2 * job["parts"]["weights"]
+    assert job["streamed_bytes"] - job["parts"]["runtime"] < job["in_memory_bytes"] - job["parts"]["runtime"]
+    assert "job_memory[streamed]" in plan["derivations"] and "Hessians" in plan["derivations"]["job_memory[streamed]"]

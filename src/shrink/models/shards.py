@@ -100,8 +100,8 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 class ShardWriter:
     """Collects tensors and writes them to `directory` shard by shard: a shard is written
-    (to a temporary name, fsynced, renamed) as soon as `max_shard_bytes` are pending, so at
-    most one shard's tensors are held. `close()` names the shards model-0000k-of-0000N,
+    (to a temporary name, fsynced, renamed) before the pending tensors would pass
+    `max_shard_bytes`, so at most max(max_shard_bytes, the largest tensor) is held. `close()` names the shards model-0000k-of-0000N,
     writes the index, and returns it. `directory` is expected to be a private temporary
     directory that the caller moves into place when everything is written."""
 
@@ -118,8 +118,10 @@ class ShardWriter:
         if name in self.pending or any(name in keys for _, keys in self.written):
             raise ValueError(f"ShardWriter: tensor {name!r} written twice")
         t = tensor.detach().contiguous()
-        self.pending[name] = t
         n = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + n > self.max_shard_bytes:
+            self.flush()   # held at once: at most max(max_shard_bytes, the largest tensor)
+        self.pending[name] = t
         self.pending_bytes += n
         self.total += n
         if self.pending_bytes >= self.max_shard_bytes:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from shrink.calc import decode_flops_per_token, kv_cache_bytes, ridge_point
 
 from .devices import Device, custom_device, get_device
+from .jobmem import JobShape, job_memory
 from .formats import DEFAULT_FORMATS, KV_BYTES, FormatInfo, arch_weight_bytes, count_weight_bytes, format_info
 from .model import ModelInfo, resolve_model
 from .numbers import parse_count
@@ -54,6 +55,8 @@ class Plan:
     derivations: dict[str, str] = field(default_factory=dict)
     # every format evaluated: the listed ones plus the defaults the recommendation reasons about
     candidates: list[FormatPlan] = field(default_factory=list)
+    # peak memory of a compression job, in memory and streamed (plan/jobmem.py); None without an arch
+    job_memory: dict | None = None
 
     def format(self, name: str) -> FormatPlan:
         """A listed format's figures (KeyError for one not asked for)."""
@@ -75,12 +78,15 @@ class Plan:
                 "context": self.context, "batch": self.batch, "kv_format": self.kv_format,
                 "formats": [f.to_json() for f in self.formats],
                 "recommendation": self.recommendation,
-                "derivations": dict(self.derivations)}
+                "derivations": dict(self.derivations),
+                "job_memory": self.job_memory}
 
 
 def build_plan(model=None, *, params=None, device: str | Device | None = None, memory=None,
                bandwidth=None, context=None, batch=1, kv_format: str = "fp16",
-               formats=None, max_drop: float = 1.0, can_train: bool = False) -> Plan:
+               formats=None, max_drop: float = 1.0, can_train: bool = False, job: JobShape | None = None) -> Plan:
+    """job: the compression job whose peak memory `job_memory` predicts (default w4-gptq on
+    job.prepare's calibration: 64 x 128 tokens)."""
     from .recommend import recommend
 
     info = resolve_model(model, params)
@@ -114,9 +120,10 @@ def build_plan(model=None, *, params=None, device: str | Device | None = None, m
     every = [_format_plan(info, f, weights[f.name], fp16_bytes, kv, act, usable, dev, b,
                           d if f.name in names else scratch) for f in infos]
     plans = [f for f in every if f.name in names]
-    plan = Plan(info, dev, ctx, b, kvf, act, usable, plans, None, d, every)
+    jobs = None if arch is None else job_memory(arch, job or JobShape(), d)
+    plan = Plan(info, dev, ctx, b, kvf, act, usable, plans, None, d, every, jobs)
     rec = recommend(plan, max_drop=max_drop, can_train=can_train)
-    return Plan(info, dev, ctx, b, kvf, act, usable, plans, rec, d, every)
+    return Plan(info, dev, ctx, b, kvf, act, usable, plans, rec, d, every, jobs)
 
 
 def _device(device, memory, bandwidth) -> Device | None:

@@ -124,6 +124,12 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
     check_order(steps, force=force)
     if device is not None:
         get_device(device)  # an unknown device fails now, not after the run
+    from .stream_job import run_streamed_job, stream_choice
+
+    streamed = stream_choice(model_ref, steps)   # too big for memory (or SHRINK_STREAM=1): block by block
+    if streamed is not None:
+        return run_streamed_job(model_ref, steps, out_dir, streamed, calib=calib, eval_source=eval_source,
+                                seed=seed, device=device, progress=progress, force=force)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     prepared = prepare(model_ref, calib=calib, seed=seed, eval_source=eval_source)

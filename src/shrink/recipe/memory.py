@@ -86,3 +86,29 @@ def _largest_block_hessians(model: nn.Module) -> int:
         return 0
     return max((sum(4 * m.in_features ** 2 for m in b.modules() if isinstance(m, nn.Linear)) for b in blocks),
                default=0)
+
+
+def predict_from_config(model_dir, steps: list, samples: int = 64, seq_len: int = 128) -> dict:
+    """Peak memory of the job on the model in `model_dir`, in memory and streamed, from its
+    config.json alone (plan/jobmem.py): {"recipe", "in_memory_bytes", "streamed_bytes",
+    "parts", "derivation": {"in_memory": text, "streamed": text}}."""
+    import json
+    from pathlib import Path
+
+    from shrink.plan.arch import from_hf_config
+    from shrink.plan.jobmem import JobShape, job_memory
+    from shrink.quant import QuantSpec
+
+    from .steps import GPTQ, step_to_dict
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    step = steps[0]
+    spec = step.spec() if hasattr(step, "spec") else QuantSpec(bits=8, granularity="channel", axis=0)
+    job = JobShape(spec=spec, calibrated=isinstance(step, GPTQ), samples=samples, seq_len=seq_len,
+                   weight_bytes=2 if dtype in ("bfloat16", "float16") else 4,
+                   label=" + ".join(next(iter(step_to_dict(s))) for s in steps))
+    d: dict = {}
+    out = job_memory(from_hf_config(Path(model_dir)), job, d)
+    out["derivation"] = {"in_memory": d["job_memory[in_memory]"], "streamed": d["job_memory[streamed]"]}
+    return out
