@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ from torch import nn
 
 from shrink.export.dense import carried_layers, is_compressed, plain_copy
 from shrink.export.verify import VerificationError, compare_logits, heldout_ids
-from shrink.fsutil import write_bytes_atomic, write_json_atomic
+from shrink.fsutil import replace_files
 from shrink.models.io import is_causal_lm
 
 QUANT_MODES = ("auto", "none", "int8", "int4")
@@ -251,22 +252,35 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, qu
 
     helper.set_model_props(proto, {"shrink.kind": kind, "shrink.architectures": ",".join(archs)})
     proto.producer_name = "shrink"
-    external = _write_model(proto, path)
-    tok_files = _write_tokenizer(tokenizer, path.parent) if tokenizer is not None else []
     from shrink.models.onnx_model import SIDECAR_FORMAT, _sha256, sidecar_path
 
-    meta = {
-        "format": SIDECAR_FORMAT, "version": 1, "kind": kind, "inputs": inputs, "outputs": outputs,
-        "dynamic_axes": {n: ["batch"] if kind == "classifier" else ["batch", "sequence"] for n in inputs},
-        "opset": opset, "params": sum(p.numel() for p in plain.parameters()), "architectures": archs,
-        "model_type": getattr(config, "model_type", None),
-        "source_model": source, "onnx_bytes": path.stat().st_size, "onnx_sha256": _sha256(path),
-        "external_data": external,
-        "external_data_bytes": (path.parent / external).stat().st_size if external else None,
-        "quantized": carried, "float_layers": why_not, "unused_layers": unused,
-        "quantized_by_export": applied, "tokenizer_files": tok_files,
-    }
-    write_json_atomic(sidecar_path(path), meta)
+    # Every file is written in a hidden staging directory beside PATH, then the group is put in
+    # place (tokenizer files, external data, the .onnx, its sidecar last): a failure anywhere
+    # (a full disk) leaves the previous export as it was, and no mix of old and new loads.
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        staged = stage / path.name
+        external = _write_model(proto, staged)
+        tok_dir = stage / "tokenizer"
+        tok_files = _write_tokenizer(tokenizer, tok_dir) if tokenizer is not None else []
+        meta = {
+            "format": SIDECAR_FORMAT, "version": 1, "kind": kind, "inputs": inputs, "outputs": outputs,
+            "dynamic_axes": {n: ["batch"] if kind == "classifier" else ["batch", "sequence"] for n in inputs},
+            "opset": opset, "params": sum(p.numel() for p in plain.parameters()), "architectures": archs,
+            "model_type": getattr(config, "model_type", None),
+            "source_model": source, "onnx_bytes": staged.stat().st_size, "onnx_sha256": _sha256(staged),
+            "external_data": external,
+            "external_data_bytes": (stage / external).stat().st_size if external else None,
+            "quantized": carried, "float_layers": why_not, "unused_layers": unused,
+            "quantized_by_export": applied, "tokenizer_files": tok_files,
+        }
+        side = stage / sidecar_path(path).name
+        side.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        replace_files([(tok_dir / n, path.parent / n) for n in tok_files]
+                      + ([(stage / external, path.parent / external)] if external else [])
+                      + [(staged, path), (side, sidecar_path(path))])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return {"path": str(path), "kind": kind, "inputs": inputs, "outputs": outputs, "opset": opset,
             "bytes": meta["onnx_bytes"] + (Path(path.parent / external).stat().st_size if external else 0),
             "quantized": carried, "float_layers": why_not, "unused_layers": unused, "quantized_by_export": applied,
@@ -275,35 +289,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, qu
 
 
 def _write_model(proto, path: Path) -> str | None:
-    """Write atomically; weights go to PATH.data beside it past protobuf's 2 GB (returns that name)."""
+    """Write the model to `path` (in the staging directory); weights go to PATH.data beside it past
+    protobuf's 2 GB (returns that name)."""
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     if weight_bytes < EXTERNAL_DATA_BYTES:
-        write_bytes_atomic(path, proto.SerializeToString())
+        path.write_bytes(proto.SerializeToString())
         return None
     import onnx
 
     data_name = path.name + ".data"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        onnx.save_model(proto, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        os.replace(tmp / data_name, path.parent / data_name)
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
     return data_name
 
 
 def _write_tokenizer(tokenizer, folder: Path) -> list[str]:
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=folder))
-    try:
-        tokenizer.save_pretrained(str(tmp))
-        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        for name in names:
-            os.replace(tmp / name, folder / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return names
+    """Save the tokenizer into `folder` (in the staging directory); the files' names."""
+    folder.mkdir()
+    tokenizer.save_pretrained(str(folder))
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
 
 
 # ----------------------------------------------------------------------------- verification

@@ -7,12 +7,13 @@ DIR/trials/NAME/result.json keeps each fully evaluated trial's record."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
-from shrink.fsutil import write_json_atomic
+from shrink.fsutil import fsync_file, replace_dir, temp_path_for
 
 from .job import _jsonable
 from .measure import four_ratios
@@ -101,8 +102,26 @@ def search_job(model_ref: str, out_dir: str | Path, *, device: str | None = None
                              "that fits", "proxy_quality_floor": loose}
     for c in cands:
         c.pop("_timing", None)
-    write_json_atomic(out / "result.json", _jsonable(doc))
+    _publish(out, _jsonable(doc), trials / chosen["name"] / "model" if chosen is not None else None)
+    _drop_trial_models(trials)
     return _jsonable(doc)
+
+
+def _publish(out: Path, doc: dict, model: Path | None) -> None:
+    """Put DIR/result.json and DIR/model in place together: result.json is written to a
+    temporary name first, then the chosen model directory replaces DIR/model (one atomic
+    exchange), then result.json is renamed over the old one. A failure while writing (a full
+    disk) leaves the previous run's files as they were. With no model chosen, a DIR/model
+    left by an earlier search is removed after result.json says chosen: null."""
+    data = (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
+    with temp_path_for(out / "result.json") as tmp:
+        tmp.write_bytes(data)
+        fsync_file(tmp)
+        if model is not None:
+            replace_dir(model, out / "model")
+        os.replace(tmp, out / "result.json")
+    if model is None and (out / "model").is_dir():
+        shutil.rmtree(out / "model")
 
 
 def _space(recipes, space: str, calibrated: bool, labeled: bool = False) -> list[tuple[str, list]]:
@@ -146,20 +165,13 @@ def _loosen(floor, q0_full, q0_proxy, higher) -> float | None:
 def _result(model_ref, out: Path, chosen, near, cands, cons, base_q, baseline, base_lat, trials: Path) -> dict:
     head = {"model": str(model_ref), "constraints": cons.to_json(base_q), "candidates": cands, "chosen": chosen}
     if chosen is None:
-        doc = {**head, "closest": near, "baseline": _with_timing(baseline, base_lat), "recipe": None, "steps": [],
-               "note": _none_note(near, cons)}
-        _drop_trial_models(trials)
-        return doc
+        return {**head, "closest": near, "baseline": _with_timing(baseline, base_lat), "recipe": None, "steps": [],
+                "note": _none_note(near, cons)}
     trial = trials / chosen["name"]
     run = json.loads((trial / "result.json").read_text(encoding="utf-8"))
     run["baseline"] = _with_timing(run["baseline"], base_lat)
     run["compressed"] = _with_timing(run["compressed"], chosen.get("_timing"))
     run["ratios"] = four_ratios(run["baseline"], run["compressed"])
-    target = out / "model"
-    if target.exists():
-        shutil.rmtree(target)
-    (trial / "model").replace(target)
-    _drop_trial_models(trials)
     return {**run, **head}
 
 
