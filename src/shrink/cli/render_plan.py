@@ -32,6 +32,12 @@ def render(plan, explain: bool = False, console: Console | None = None) -> None:
     if plan.usable_bytes is not None:
         con.print(f"\ntotal = weights + KV cache + activations ({_gb(plan.activation_bytes)} GB); "
                   f"usable = 90% of device memory = {_gb(plan.usable_bytes)} GB")
+    job = getattr(plan, "job_memory", None)
+    if job is not None:
+        streamed = ("it cannot be streamed" if job["streamed_bytes"] is None
+                    else f"{job['streamed_bytes'] / 2**30:,.2f} GiB streamed block by block")
+        con.print(f"\ncompressing it ({job['recipe']}) needs about {job['in_memory_bytes'] / 2**30:,.2f} GiB "
+                  f"in memory, {streamed}")
     rec = plan.recommendation
     if rec is not None:
         con.print()
