@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="run a step order the recipe rules refuse (e.g. pruning after quantization)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint in DIR/.resume (same model, recipe, seed "
+                        "and data); the result is the same, byte for byte, as an uninterrupted run's")
     p.add_argument("--json", action="store_true", help="print result.json on stdout")
 
 
@@ -30,7 +33,7 @@ def run(args) -> int:
 
     progress = bar_callback()
     doc = run_job(args.model, args.recipe, args.output, calib=args.calib, eval_source=args.eval_source, seed=args.seed, device=args.device,
-                  force=args.force, progress=progress)
+                  force=args.force, progress=progress, resume=args.resume)
     report = write_report(args.output)
     if args.json:
         json.dump(doc, sys.stdout, indent=2, default=str)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -18,6 +18,22 @@ class StepContext:
     evaluate: Callable | None = None       # the job's quality metric: model -> {"value", "higher_is_better", ...}
     seed: int = 0
     report: Callable[[int, int], None] | None = None   # progress(done, total) of this step
+    checkpoint: Any = None                 # recipe.resume.StepCheckpoint of a checkpointed run, else None
+
+    def train_checkpoint(self) -> dict:
+        """finetune()/TrainOptions keywords that checkpoint the engine into the run's state and
+        resume it there (checkpoint, checkpoint_every, resume, progress); {} when not checkpointed."""
+        if self.checkpoint is None:
+            return {}
+        path, every, event = self.checkpoint.training()
+        report = self.report
+
+        def progress(done: int, total: int) -> None:
+            if report is not None:
+                report(done, total)
+            event(done, total)
+
+        return {"checkpoint": path, "checkpoint_every": every, "resume": True, "progress": progress}
 
     def batches(self, batch_size: int | None = None, step: str = "training") -> list:
         """The training batches (train_data, else calibration), re-cut to batch_size rows."""

@@ -86,3 +86,14 @@ def gptq_row_groups(w: torch.Tensor, hs: list[torch.Tensor], spec: QuantSpec, **
     stitched into one QTensor; also returns each group's result (retries, damping)."""
     parts = [gptq(w[rows], h, spec, **options) for rows, h in zip(row_parts(w.shape[0], len(hs)), hs)]
     return stack_rows([p.qtensor for p in parts], spec), parts
+
+
+def split_rows(qt: QTensor, start: int, stop: int, spec: QuantSpec) -> QTensor:
+    """Rows [start, stop) of a per-channel or per-group QTensor, codes unchanged."""
+    w = dequantize(qt)[start:stop]
+    scale = qt.scale[start:stop]
+    zp = None if qt.zero_point is None else qt.zero_point[start:stop]
+    part = quantize(w, spec, scale=scale, zero_point=zp)
+    if not torch.equal(part.int_codes(), qt.int_codes()[start:stop]):  # the grid is the same: exact
+        raise RuntimeError("splitting a jointly solved weight changed its codes")
+    return part

@@ -115,9 +115,14 @@ def _lines(texts: list[str], n: int) -> list[str]:
 
 def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = None,
             eval_source: str | None = None, seed: int = 0,
-            device: str | None = None, force: bool = False, progress: Progress | None = None) -> dict:
+            device: str | None = None, force: bool = False, progress: Progress | None = None,
+            resume: bool = False) -> dict:
     """device: a name from the plan's device table; the result's plan then says whether each
-    format fits there and draws the roofline of that device."""
+    format fits there and draws the roofline of that device.
+
+    The run checkpoints into DIR/.resume (recipe/resume.py), removed once DIR is written;
+    resume=True continues the interrupted run found there (the same bytes as an uninterrupted
+    run), refusing the state of a different run."""
     from shrink.plan.devices import get_device
 
     steps = parse_recipe(recipe)  # fail on a bad recipe before loading anything
@@ -134,16 +139,20 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
     t0 = time.perf_counter()
     prepared = prepare(model_ref, calib=calib, seed=seed, eval_source=eval_source)
     return run_prepared(prepared, model_ref, steps, out_dir, seed=seed, device=device, progress=progress, t0=t0,
-                        force=force, extra={"calib": calib, "eval_source": eval_source})
+                        force=force, extra={"calib": calib, "eval_source": eval_source},
+                        checkpoint="resume" if resume else "fresh")
 
 
 def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | None, *, seed: int = 0,
                  device: str | None = None, progress: Progress | None = None, t0: float | None = None,
                  measure_speed: bool = True, baseline: dict | None = None, force: bool = False,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, checkpoint: str | None = None) -> dict:
     """run_job on a model already prepared (search reuses one preparation for many recipes);
-    out_dir None: measure only, save nothing."""
+    out_dir None: measure only, save nothing. checkpoint "fresh" or "resume": checkpoint into
+    out_dir/.resume (and continue the run there); None: no checkpoints."""
     from shrink.models.compressed import save_compressed
+
+    from .resume import Checkpointer, recipe_hash, run_key, versions
 
     t0 = time.perf_counter() if t0 is None else t0
     model, batches, metric, base, train = prepared
@@ -152,18 +161,26 @@ def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | No
         raise ValueError(f"{model_ref}: this model has no text calibration data; use rtn or kmeans steps")
     memory = job_memory(model, steps, batches)
     check_job_fits(memory, available_memory())  # before any step runs
+    ck = None
+    if checkpoint is not None and out_dir is not None:
+        key = run_key(model_ref, model, steps, seed, batches=batches, train=train,
+                      calib=(extra or {}).get("calib"), eval_source=(extra or {}).get("eval_source"))
+        ck = Checkpointer(out_dir, key, base=base, resume=checkpoint == "resume")
     res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress,
                                    measure_speed=measure_speed, baseline=baseline, force=force, train_data=train,
-                                   seed=seed)
-    doc = {"model": str(model_ref), **res.to_json(), "seconds": time.perf_counter() - t0, "seed": seed,
+                                   seed=seed, checkpoint=ck)
+    provenance = {"seed": seed, "recipe_sha256": recipe_hash(steps), "versions": versions()}
+    doc = {"model": str(model_ref), **res.to_json(), "seconds": time.perf_counter() - t0, **provenance,
            "device": device, "job_memory": memory, **(extra or {})}
     doc["plan"], doc["roofline"] = plan_section(model, doc["baseline"]["params"], device,
                                                 {"baseline": doc["baseline"], "compressed": doc["compressed"]})
     if out_dir is not None:
         out = Path(out_dir)
         save_compressed(res.model, out / "model", base=base,
-                        extra={"recipe": doc["recipe"], "source_model": str(model_ref)})
+                        extra={"recipe": doc["recipe"], "source_model": str(model_ref), **provenance})
         write_json_atomic(out / "result.json", _jsonable(doc))
+        if ck is not None:
+            ck.finish()
     return _jsonable(doc)
 
 

@@ -24,6 +24,10 @@ class LayerRecord:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerRecord":
+        return cls(**{**d, "shape": tuple(d["shape"])})
+
 
 @dataclass
 class StepRecord:
@@ -38,6 +42,13 @@ class StepRecord:
         d = asdict(self)
         d["layers"] = [l.to_dict() for l in self.layers]
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StepRecord":
+        """A record read back from to_dict's JSON (a resumed run's checkpoint)."""
+        return cls(index=d["index"], step=d["step"], seconds=d["seconds"],
+                   layers=[LayerRecord.from_dict(l) for l in d["layers"]], skipped=list(d["skipped"]),
+                   details=dict(d["details"]))
 
 
 def model_nbytes(model: nn.Module) -> int:

@@ -22,16 +22,17 @@ from shrink.algos.mixed import Sensitivity, allocate_bits, layer_sensitivity
 from shrink.algos.smoothquant import smoothquant_scales
 from shrink.eval.latency import latency_probe
 from shrink.modules.w8a8_linear import W8A8Linear
-from shrink.quant import QTensor, QuantSpec, check_finite, dequantize, quantize
+from shrink.quant import QuantSpec, check_finite, dequantize, quantize
 from shrink.surgery import SequentialRunner, Target, find_fold_source, fold_into, replace_module, select_modules
 
 from .figures import run_figures
 from .install import as_linear as _as_linear, fmt as _fmt, install as _install, sqnr as _sqnr
-from .hessians import HessianCollector, gptq_row_groups, hessian_error, row_parts
+from .hessians import HessianCollector, gptq_row_groups, hessian_error, row_parts, split_rows
 from .measure import four_ratios, measure
 from .records import LayerRecord, StepRecord
 from .rules import check_order
 from .context import StepContext, run_training_step
+from .resume import Checkpointer, StepCheckpoint, block_hooks, restore_partial, scrub, step_seed
 from .train_steps import TRAINING_STEPS, Distill, LoRA
 from .steps import (AWQ, GPTQ, RTN, Finetune, IterativePrune, KMeans, LotteryTicket, MixedPrecision, Prune, SmoothQuant,
                     needs_calibration, parse_recipe, step_to_dict)
@@ -57,7 +58,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
              evaluate: Callable[[nn.Module], dict] | None = None, *,
              progress: Progress | None = None, example: Any = None, measure_speed: bool = True,
              baseline: dict | None = None, force: bool = False, train_data: Iterable | None = None,
-             seed: int = 0) -> CompressResult:
+             seed: int = 0, checkpoint: Checkpointer | None = None) -> CompressResult:
     """Compress a copy of `model` with `recipe` (a built-in name, YAML file, or list of steps).
 
     calibration: batches the model accepts (tensors of token ids, dicts of model
@@ -70,6 +71,8 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
     train_data: batches the training steps (finetune, qat, distill, lora, early_exit) learn
     from, Labeled(inputs, labels) where there are labels; default the calibration batches.
     seed: the training steps' seed (batch order, initializations).
+    checkpoint: a recipe.resume.Checkpointer: the run checkpoints as it goes and starts where
+    its latest checkpoint stands (the same result as an uninterrupted run, byte for byte).
 
     metrics: "baseline" and "compressed" ({"size_bytes", "params", "quality",
     "latency_ms", "latency", "energy"}), "size_reduction", and "ratios" with the
@@ -94,7 +97,14 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
     work = copy.deepcopy(model).eval()
     baseline = measure(model, evaluate, probe) if baseline is None else baseline
     records = []
+    state = checkpoint.restore() if checkpoint is not None else None
+    if state is not None:
+        work, records = state.model, state.records
     for i, step in enumerate(steps, 1):
+        if state is not None and i <= state.steps_done:
+            continue
+        step_seed(seed, i)
+        part = state.partial if state is not None and state.partial and state.partial.step == i else None
         rec = StepRecord(index=i, step=step_to_dict(step))
         t0 = time.perf_counter()
         types = ("linear", "conv1d", "conv2d") + (("sparse_linear",) if step.kind == "quantize" else ())
@@ -113,24 +123,31 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
                   progress(label, done, total)) if progress else None
         if isinstance(step, (Finetune, Distill, LoRA)) or getattr(step, "kind", None) == "structured_prune":
             rec.skipped = []   # they pick no layers by type: nothing was passed over
+        if part is not None:   # targets already processed before the interruption are done
+            targets = [t for t in targets if part.pending is None or t.name in part.pending]
+            restore_partial(rec, part)
+        sc = StepCheckpoint(checkpoint, i, records, rec, lambda: work, part) if checkpoint is not None else None
         if isinstance(step, TRAINING_STEPS + (Finetune,)):
             ctx = StepContext(original=model, calibration=batches, train_data=train_batches, evaluate=evaluate,
-                              seed=seed, report=report)
+                              seed=seed, report=report, checkpoint=sc)
             work = run_training_step(work, step, targets, ctx, rec)
         elif isinstance(step, (Prune, IterativePrune, LotteryTicket)):
-            _train_or_prune(work, model, step, targets, batches, rec, report, evaluate)
+            _train_or_prune(work, model, step, targets, batches, rec, report, evaluate, sc)
         elif isinstance(step, (RTN, KMeans)):
             _data_free(work, step, targets, rec, report)
         elif isinstance(step, GPTQ):
-            _gptq(work, step, targets, batches, rec, report)
+            _gptq(work, step, targets, batches, rec, report, sc)
         elif isinstance(step, AWQ):
-            _awq(work, step, targets, batches, rec, report)
+            _awq(work, step, targets, batches, rec, report, sc)
         elif isinstance(step, SmoothQuant):
-            _smoothquant(work, step, targets, batches, rec, report)
+            _smoothquant(work, step, targets, batches, rec, report, sc)
         elif isinstance(step, MixedPrecision):
             _mixed(work, step, targets, batches, rec, report)
         rec.seconds = time.perf_counter() - t0
+        scrub(rec.details)
         records.append(rec)
+        if checkpoint is not None and i < len(steps) and checkpoint.due():
+            checkpoint.commit(work, records, i)
     compressed = measure(work, evaluate, probe)
     metrics = {"baseline": baseline, "compressed": compressed,
                "size_reduction": baseline["size_bytes"] / compressed["size_bytes"],
@@ -141,16 +158,16 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
 
 # ---------------------------------------------------------------- steps
 
-def _train_or_prune(work, original, step, targets, batches, rec: StepRecord, report, evaluate) -> None:
-    """Pruning steps (recipe/prune.py, structured.py, training.py)."""
+def _train_or_prune(work, original, step, targets, batches, rec: StepRecord, report, evaluate, sc=None) -> None:
+    """Pruning steps (recipe/prune.py, structured.py, training.py); sc: their checkpoints (rounds)."""
     from .prune import run_unstructured
     from .structured import run_structured
     from .training import run_iterative, run_lottery
 
     if isinstance(step, IterativePrune):
-        run_iterative(work, original, step, targets, batches, rec, report, evaluate)
+        run_iterative(work, original, step, targets, batches, rec, report, evaluate, sc=sc)
     elif isinstance(step, LotteryTicket):
-        run_lottery(work, original, step, targets, batches, rec, report, evaluate)
+        run_lottery(work, original, step, targets, batches, rec, report, evaluate, sc=sc)
     elif step.kind == "structured_prune":
         run_structured(work, step, batches, rec, report)
     else:
@@ -173,12 +190,13 @@ def _data_free(model, step, targets: list[Target], rec: StepRecord, report) -> N
             report(n, len(targets))
 
 
-def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
+def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report, sc=None) -> None:
     spec = step.spec()
     runner = SequentialRunner(model, targets=targets)
     coll = HessianCollector(targets)
 
     done = [0]
+    start, after = block_hooks(sc, runner, done)
 
     def process_block(i: int, block: nn.Module, block_targets: list[Target]) -> None:
         single = [t for t in block_targets if len(coll.observers[t.name]) == 1]
@@ -195,7 +213,7 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
             per = (time.perf_counter() - t0) / len(group)
             row = 0
             for t in group:
-                qt = _rows(res.qtensor, row, row + t.out_features, spec)
+                qt = split_rows(res.qtensor, row, row + t.out_features, spec)
                 row += t.out_features
                 wt = t.weight_view().detach().float()
                 err = hessian_error(wt, dequantize(qt).float(), [h])
@@ -233,11 +251,11 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report) -> None:
                 if report:
                     report(done[0], len(targets))
 
-    runner.run(batches, process_block, on_input=coll)
+    runner.run(batches, process_block, on_input=coll, start=start, after_block=after)
     _rtn_outside_blocks(model, runner, spec, rec)
 
 
-def _awq(model, step: AWQ, targets, batches, rec: StepRecord, report) -> None:
+def _awq(model, step: AWQ, targets, batches, rec: StepRecord, report, sc=None) -> None:
     """Per block: search every group's scales on the float block, fold them into the
     norm or Linear before it where the block's output proves that exact, then quantize."""
     spec = step.spec()
@@ -250,6 +268,7 @@ def _awq(model, step: AWQ, targets, batches, rec: StepRecord, report) -> None:
             kept.append(x.detach().reshape(-1, x.shape[-1]).float())
 
     done = [0]
+    start, after = block_hooks(sc, runner, done)
 
     def process_block(i: int, block: nn.Module, block_targets: list[Target]) -> None:
         groups = _share_input(block_targets, None, inputs)
@@ -281,7 +300,7 @@ def _awq(model, step: AWQ, targets, batches, rec: StepRecord, report) -> None:
             if report:
                 report(done[0], len(targets))
 
-    runner.run(batches, process_block, on_input=on_input)
+    runner.run(batches, process_block, on_input=on_input, start=start, after_block=after)
     _rtn_outside_blocks(model, runner, spec, rec)
 
 
@@ -306,7 +325,7 @@ def _fold_all(model, runner: SequentialRunner, i: int, groups_scales) -> _Folds:
     return folds
 
 
-def _smoothquant(model, step: SmoothQuant, targets, batches, rec: StepRecord, report) -> None:
+def _smoothquant(model, step: SmoothQuant, targets, batches, rec: StepRecord, report, sc=None) -> None:
     runner = SequentialRunner(model, targets=targets)
     absmax: dict[str, torch.Tensor] = {}
     samples: dict[str, torch.Tensor] = {}
@@ -319,6 +338,7 @@ def _smoothquant(model, step: SmoothQuant, targets, batches, rec: StepRecord, re
             samples[name] = flat[:MAX_AWQ_TOKENS]
 
     done = [0]
+    start, after = block_hooks(sc, runner, done)
 
     def process_block(i: int, block: nn.Module, block_targets: list[Target]) -> None:
         groups = _share_input(block_targets, None, {t.name: [absmax[t.name]] for t in block_targets})
@@ -360,7 +380,7 @@ def _smoothquant(model, step: SmoothQuant, targets, batches, rec: StepRecord, re
             if report:
                 report(done[0], len(targets))
 
-    runner.run(batches, process_block, on_input=on_input)
+    runner.run(batches, process_block, on_input=on_input, start=start, after_block=after)
     for t in runner.unassigned:
         rec.skipped.append({"name": t.name, "reason": "outside the transformer blocks: no activations captured"})
 
@@ -457,17 +477,6 @@ def _share_input(targets: list[Target], observers=None, inputs=None) -> list[lis
         else:
             groups.append([t])
     return groups
-
-
-def _rows(qt: QTensor, start: int, stop: int, spec: QuantSpec) -> QTensor:
-    """Rows [start, stop) of a per-channel or per-group QTensor, codes unchanged."""
-    w = dequantize(qt)[start:stop]
-    scale = qt.scale[start:stop]
-    zp = None if qt.zero_point is None else qt.zero_point[start:stop]
-    part = quantize(w, spec, scale=scale, zero_point=zp)
-    if not torch.equal(part.int_codes(), qt.int_codes()[start:stop]):  # the grid is the same: exact
-        raise RuntimeError("splitting a jointly solved weight changed its codes")
-    return part
 
 
 def _check_weights(model: nn.Module) -> None:

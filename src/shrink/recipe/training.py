@@ -31,7 +31,7 @@ def run_finetune(model: nn.Module, step: Finetune, ctx: StepContext, rec: StepRe
                                                                                  nn.Parameter)}
     tr = finetune(model, ctx.batches(step.batch_size, "finetune"), steps=step.steps, epochs=step.epochs, lr=step.lr,
                   loss=step.loss, teacher=ctx.original, masks=masks, temperature=step.temperature,
-                  progress=ctx.report, seed=ctx.seed, precision=step.precision)
+                  seed=ctx.seed, precision=step.precision, **{"progress": ctx.report, **ctx.train_checkpoint()})
     rec.details["training"] = tr.to_dict()
     rec.details["masked_layers"] = len(masks)
     model.eval()
@@ -105,15 +105,31 @@ def _install_all(model, step, targets: list[Target], masks, originals: dict[str,
                        "weights before the step (training moved the survivors too)")
 
 
+def _saved(tensors: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _to_save(**groups: dict) -> dict[str, torch.Tensor]:
+    return {f"{g}/{k}": v for g, d in groups.items() for k, v in d.items()}
+
+
 def run_iterative(model: nn.Module, original: nn.Module, step: IterativePrune, targets: list[Target], batches,
-                  rec: StepRecord, report, evaluate=None) -> None:
+                  rec: StepRecord, report, evaluate=None, sc=None) -> None:
+    """sc: the run's StepCheckpoint (recipe/resume.py): a checkpoint after each round; a resumed
+    step starts after the last round saved (the model then holds that round's weights)."""
     targets = _dense_targets(targets, rec)
-    originals = {t.name: t.weight_view().detach().float().clone() for t in targets}
     schedule = step.schedule()
     ft = step.finetune
-    rounds = []
-    masks: dict[str, torch.Tensor] = {}
+    got = sc.resumed if sc is not None else None
+    if got is None:
+        originals = {t.name: t.weight_view().detach().float().clone() for t in targets}
+        rounds, masks, first = [], {}, 1
+    else:
+        originals, masks = _saved(got.tensors, "orig/"), _saved(got.tensors, "mask/")
+        rounds, first = list(got.pos["rounds"]), int(got.pos["round"]) + 1
     for r, s in enumerate(schedule, 1):
+        if r < first:
+            continue
         t0 = time.perf_counter()
         masks = _masks(model, targets, s, step.method, step.scope, batches)
         pmasks = _apply(targets, masks)
@@ -127,6 +143,8 @@ def run_iterative(model: nn.Module, original: nn.Module, step: IterativePrune, t
         rounds.append(entry)
         if report:
             report(r, len(schedule))
+        if sc is not None:
+            sc.save({"round": r, "rounds": rounds}, tensors=_to_save(orig=originals, mask=masks))
     rec.details["rounds"] = rounds
     rec.details["schedule"] = schedule
     _install_all(model, step, targets, masks, originals, rec, f"{step.method}, {len(schedule)} rounds with " +
@@ -148,9 +166,10 @@ def reinitialize(model: nn.Module, seed: int) -> None:
 
 
 def run_lottery(model: nn.Module, original: nn.Module, step: LotteryTicket, targets: list[Target], batches,
-                rec: StepRecord, report, evaluate=None, seed: int = 0) -> None:
+                rec: StepRecord, report, evaluate=None, seed: int = 0, sc=None) -> None:
+    """sc: the run's StepCheckpoint: a checkpoint after each round (round 0: the dense training),
+    with the weights the rounds rewind to."""
     targets = _dense_targets(targets, rec, "lottery_ticket")
-    originals = {t.name: t.weight_view().detach().float().clone() for t in targets}
     schedule = step.schedule()
     total = (len(schedule) + 1) * step.steps + (step.steps if step.control else 0)
     done = [0]
@@ -164,27 +183,43 @@ def run_lottery(model: nn.Module, original: nn.Module, step: LotteryTicket, targ
             report(min(done[0], total), total)
         return tr
 
-    reinitialize(model, seed)
-    rewind_state = {"state": copy.deepcopy(model.state_dict())} if step.rewind == "init" else {}
+    def save(r: int) -> None:
+        if sc is not None:
+            sc.save({"round": r, "rounds": rounds, "done": done[0]},
+                    tensors=_to_save(orig=originals, mask=masks, rewind=rewind_state.get("state", {})))
 
-    def snapshot(i: int, m: nn.Module) -> None:
-        if step.rewind != "init" and i == step.rewind:
-            rewind_state["state"] = copy.deepcopy(m.state_dict())
-
-    if step.rewind == 0:
-        rewind_state["state"] = copy.deepcopy(model.state_dict())
-    tr = train({}, step.steps, snapshot)
-    rounds = [{"round": 0, "sparsity": 0.0, "training": tr.to_dict(),
-               **({"quality": evaluate(model)} if evaluate else {})}]
+    got = sc.resumed if sc is not None else None
     k = 0 if step.rewind == "init" else step.rewind
-    masks: dict[str, torch.Tensor] = {}
+    if got is not None:   # rounds done before an interruption: the model holds the last one's weights
+        originals, masks = _saved(got.tensors, "orig/"), _saved(got.tensors, "mask/")
+        rewind_state = {"state": _saved(got.tensors, "rewind/")}
+        rounds, first, done[0] = list(got.pos["rounds"]), int(got.pos["round"]) + 1, int(got.pos["done"])
+    else:
+        originals = {t.name: t.weight_view().detach().float().clone() for t in targets}
+        reinitialize(model, seed)
+        rewind_state = {"state": copy.deepcopy(model.state_dict())} if step.rewind == "init" else {}
+
+        def snapshot(i: int, m: nn.Module) -> None:
+            if step.rewind != "init" and i == step.rewind:
+                rewind_state["state"] = copy.deepcopy(m.state_dict())
+
+        if step.rewind == 0:
+            rewind_state["state"] = copy.deepcopy(model.state_dict())
+        tr = train({}, step.steps, snapshot)
+        rounds = [{"round": 0, "sparsity": 0.0, "training": tr.to_dict(),
+                   **({"quality": evaluate(model)} if evaluate else {})}]
+        masks, first = {}, 1
+        save(0)
     for r, s in enumerate(schedule, 1):
+        if r < first:
+            continue
         masks = _masks(model, targets, s, "magnitude", step.scope, batches)
         model.load_state_dict(rewind_state["state"])
         pmasks = _apply(targets, masks)
         tr = train(pmasks, step.steps - k, s=r)
         rounds.append({"round": r, "sparsity": _sparsity(masks), "training": tr.to_dict(),
                        **({"quality": evaluate(model)} if evaluate else {})})
+        save(r)
     rec.details["rounds"] = rounds
     rec.details["rewind"] = step.rewind
     rec.details["training_steps"] = step.steps + len(schedule) * (step.steps - k)

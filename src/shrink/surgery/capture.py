@@ -353,7 +353,8 @@ class SequentialRunner:
         self.sample_forward: _SampleForward | None = None
 
     def run(self, batches: Iterable, process_block: ProcessBlock | None = None, *,
-            on_input: OnInput | None = None, progress: Progress | None = None) -> list[torch.Tensor]:
+            on_input: OnInput | None = None, progress: Progress | None = None, start: int = 0,
+            after_block: Callable[[int], None] | None = None) -> list[torch.Tensor]:
         """Calibrate every block in order; returns the last block's outputs, one per batch.
 
         For block i: (a) with `on_input`, run the block on every batch with
@@ -362,6 +363,10 @@ class SequentialRunner:
         block (it runs outside no_grad, in eval mode); (c) run the block as it
         now is to make block i+1's inputs. Without process_block the outputs of
         (a) are used and (c) is skipped.
+
+        start: blocks before it are already processed (a resumed run): they only run (c),
+        which gives block `start` the inputs an uninterrupted run gave it, bit for bit.
+        after_block(i): called once block i is processed (e.g. to checkpoint the model).
         """
         # By name, not the objects found at construction: an earlier run may have replaced blocks.
         blocks = [self.model.get_submodule(n) for n in self.block_names]
@@ -378,6 +383,11 @@ class SequentialRunner:
             del captured  # `hidden` is now the only reference to block 0's inputs
             for i, block in enumerate(blocks):
                 key, targets = self.keys[i], self.block_targets[i]
+                if i < start:   # processed before an interruption: only its outputs are needed
+                    with torch.no_grad():
+                        for b in range(len(hidden)):
+                            hidden[b] = _hidden_of(block, calls[b][key](block, hidden[b]))
+                    continue
                 if on_input is not None:
                     # Without process_block these outputs are final; with it they are stale, so not kept.
                     self._observe(block, key, targets, hidden, calls, on_input, keep=process_block is None)
@@ -392,6 +402,8 @@ class SequentialRunner:
                     with torch.no_grad():
                         for b in range(len(hidden)):  # replace in place: inputs freed as outputs arrive
                             hidden[b] = _hidden_of(block, calls[b][key](block, hidden[b]))
+                if after_block is not None and process_block is not None:
+                    after_block(i)
                 if progress is not None:
                     progress(i + 1, len(blocks))
         return hidden

@@ -127,7 +127,7 @@ def finetune(model: nn.Module, batches: Sequence, *, steps: int | None = None, e
              weight_decay: float = 0.0, progress: Progress | None = None, seed: int = 0,
              callback: Callable[[int, nn.Module], None] | None = None, precision: str = "fp32",
              evaluate=None, patience: int | None = None, eval_every: int | None = None,
-             checkpoint: str | None = None, resume: bool = False) -> TrainRecord:
+             checkpoint: str | None = None, resume: bool = False, checkpoint_every: int = 100) -> TrainRecord:
     """Train `model` in place for `steps` optimizer steps (or `epochs` passes) over `batches`
     with the shared loop (train/engine.py: AdamW, warm-up then cosine decay to 10% of lr,
     seeded batch order, optional mixed precision, evaluation, early stop, checkpoints).
@@ -152,7 +152,8 @@ def finetune(model: nn.Module, batches: Sequence, *, steps: int | None = None, e
     teacher_logits = kind == "distill" and has_logits(teacher, batches[0])
     options = TrainOptions(steps=steps, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed,
                            precision=precision, eval_every=eval_every, patience=patience,
-                           checkpoint=None if checkpoint is None else str(checkpoint), resume=resume)
+                           checkpoint=None if checkpoint is None else str(checkpoint), resume=resume,
+                           checkpoint_every=checkpoint_every)
     teacher_training = teacher is not None and teacher.training
     if teacher is not None:
         teacher.eval()
