@@ -45,3 +45,17 @@ def test_replace_dir_swaps_whole_directories_and_refuses_a_file(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         replace_dir(tmp_path / ".file.tmp", tmp_path / "file")
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_named_write_error_reads_a_short_write_as_a_full_disk(tmp_path):
+    import errno
+
+    from shrink.fsutil import named_write_error
+
+    short = OSError("524288 requested and 229496 written")   # numpy's tofile on a full disk: no errno
+    e = named_write_error(short, tmp_path / "m.gguf")
+    assert (e.errno, e.filename, e.__cause__) == (errno.ENOSPC, str(tmp_path / "m.gguf"), short)
+    unnamed = OSError(errno.EROFS, "Read-only file system")
+    assert named_write_error(unnamed, "x").filename == "x"
+    other = ValueError("not an I/O error")
+    assert named_write_error(other, "x") is other

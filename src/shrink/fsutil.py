@@ -182,5 +182,21 @@ def replace_files(pairs: list[tuple[str | Path, str | Path]]) -> None:
         _fsync_dir(pairs[-1][1].parent)
 
 
+def named_write_error(e: BaseException, path: str | Path) -> BaseException:
+    """`e` as an OSError that names `path`, for an error raised while writing it: numpy's short
+    write ("N requested and M written", no errno) is the disk filling up (ENOSPC); an OSError
+    that names no file gets `path`. Anything else is returned as it is."""
+    if not isinstance(e, OSError) or e.filename is not None:
+        return e
+    code = e.errno
+    if code is None and "requested and" in str(e) and "written" in str(e):
+        code = errno.ENOSPC
+    if code is None:
+        return e
+    err = OSError(code, os.strerror(code) if e.errno is None else e.strerror, str(path))
+    err.__cause__ = e
+    return err
+
+
 def write_json_atomic(path: str | Path, obj) -> Path:
     return write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

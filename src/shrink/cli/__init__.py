@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError, ValueError) as e:
         print(f"shrink {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:   # a full disk, a read-only or unwritable output: the user's to fix (exit 2)
+        from shrink.cli.oserrors import write_error_line
+
+        line = write_error_line(e, getattr(args, "output", None))
+        if line is None:
+            raise
+        print(f"shrink {args.command}: error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"shrink {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -45,11 +45,23 @@ def run(args) -> int:
     if args.json:
         json.dump(doc, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
-        return 0
-    _print(doc)
-    print(f"wrote {args.output}/result.json" + (f", {args.output}/model/" if doc["chosen"] else "")
-          + f" and {report}")
+    else:
+        _print(doc)
+        print(f"wrote {args.output}/result.json" + (f", {args.output}/model/" if doc["chosen"] else "")
+              + f" and {report}")
+    if doc["chosen"] is None:   # the budget cannot be met: the user's target is what must change
+        print(f"shrink search: error: {_unmet(doc)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _unmet(doc: dict) -> str:
+    """One line: none met the constraints, which came closest, what to do."""
+    near = doc.get("closest")
+    if near is None:
+        return "no candidate could be evaluated (each candidate's error is in result.json); nothing was saved as model/"
+    return (f"{doc.get('note', 'no candidate met the constraints')}; loosen --max-size / --max-drop / --min-quality "
+            "or try --space wide (candidates and the closest are in result.json)")
 
 
 def _percent(text: str) -> float:

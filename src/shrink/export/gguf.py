@@ -31,7 +31,7 @@ from torch import nn
 
 from shrink.export.dense import Grid, carried_layers, plain_copy
 from shrink.export.gguf_vocab import add_tokenizer
-from shrink.fsutil import file_mode, fsync_file
+from shrink.fsutil import file_mode, fsync_file, named_write_error
 
 ARCHS = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
@@ -310,8 +310,11 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, type_name: str, *,
         os.chmod(tmp, file_mode())
         fsync_file(tmp)   # the data on the disk before the rename publishes it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        named = named_write_error(e, path)   # numpy's short write on a full disk carries no errno
+        if named is not e:
+            raise named from e
         raise
     written.nbytes = path.stat().st_size
     return written
