@@ -32,8 +32,6 @@ class ShardReader:
     the index names, every shard's tensors are listed) before anything is read."""
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         index = self.directory / INDEX
         if index.is_file():
@@ -60,7 +58,7 @@ class ShardReader:
                 raise FileNotFoundError(f"{index}: shard {name!r} is missing from {self.directory}")
             self.files[name] = path
             try:
-                with safe_open(str(path), framework="pt") as f:
+                with _open(path) as f:
                     for key in f.keys():
                         sl = f.get_slice(key)
                         self.shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
@@ -85,13 +83,22 @@ class ShardReader:
         return n * _DTYPE_BYTES.get(dtype, 4)
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor `name` (safetensors maps its bytes copy-on-write: nothing else is read)."""
-        from safetensors import safe_open
-
+        """The tensor `name`, read with pread(2) into memory of its own: only its bytes. (The
+        default memory map is private and copy-on-write: the whole shard would count as the
+        process's own data, and stay mapped while any tensor from it lives.)"""
         if name not in self.where:
             raise KeyError(f"{self.directory}: no tensor {name!r} in the weights")
-        with safe_open(str(self.files[self.where[name]]), framework="pt") as f:
+        with _open(self.files[self.where[name]]) as f:
             return f.get_tensor(name)
+
+
+def _open(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:   # safetensors before 0.7 has no pread backend
+        return safe_open(str(path), framework="pt")
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
