@@ -39,10 +39,14 @@ def read_text_file(path: str | Path) -> list[str]:
     path = Path(path)
     data = _read_bytes(path)
     try:
-        return [data.decode("utf-8")]
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text (byte offset {e.start}: {e.reason})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the calibration file is {'empty' if not data else 'blank'} (no text); give a "
+                         "file with text, or leave --calib out to use the stdlib corpus")
+    return [text]
 
 
 def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
@@ -67,14 +71,14 @@ def read_jsonl(path: str | Path, field: str = "text") -> list[str]:
         if not isinstance(record[field], str):
             raise ValueError(f"{where}: {field!r} must be a string, got {type(record[field]).__name__}")
         texts.append(record[field])
-    if not texts:
+    if not any(t.strip() for t in texts):
         raise ValueError(f"{path}: no records (the file is empty or blank)")
     return texts
 
 
 def _read_bytes(path: Path) -> bytes:
     if path.is_dir():
-        raise IsADirectoryError(f"{path}: is a directory; calibration text must be a .txt or .jsonl file")
+        raise ValueError(f"{path}: is a directory; calibration text must be a .txt or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return path.read_bytes()

@@ -299,7 +299,8 @@ def check_manifest(manifest, where: Path, weights: list[Path] = ()) -> dict:
                          f"got {base!r}")
     if base["kind"] == "builtin" and not isinstance(base.get("name"), str):
         raise ValueError(f"{where}: base.name must be a built-in model's name, got {base.get('name')!r}")
-    if base["kind"] == "hf" and not isinstance(base.get("class"), (str, type(None))):
+    if base["kind"] == "hf" and not (base.get("class") is None or (isinstance(base["class"], str)
+                                                                  and base["class"].isidentifier())):
         raise ValueError(f"{where}: base.class must be a transformers class name, got {base.get('class')!r}")
     for key in ("resized", "early_exit"):
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
@@ -316,7 +317,7 @@ def check_manifest(manifest, where: Path, weights: list[Path] = ()) -> dict:
         if not isinstance(entry, dict):
             raise ValueError(f"{at}: must be an object, got {type(entry).__name__}")
         kind = entry.get("type")
-        if kind not in _ENTRY_FIELDS:
+        if not isinstance(kind, str) or kind not in _ENTRY_FIELDS:
             raise ValueError(f"{at}: unknown module type {kind!r}; known: {', '.join(_ENTRY_FIELDS)}")
         for field, want in _ENTRY_FIELDS[kind].items():
             if field not in entry:
@@ -331,8 +332,8 @@ def check_manifest(manifest, where: Path, weights: list[Path] = ()) -> dict:
         if "spec" in entry:
             try:
                 spec_from_dict(entry["spec"], at)
-            except ValueError:
-                raise
+            except ValueError as e:
+                raise ValueError(str(e) if str(e).startswith(str(where)) else f"{at}: {one_line(e)}") from None
             except (TypeError, KeyError, OverflowError, AttributeError) as e:
                 raise ValueError(f"{at}: bad QuantSpec ({type(e).__name__}: {one_line(e)})") from None
     if weights:

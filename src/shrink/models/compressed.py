@@ -165,9 +165,8 @@ def load_compressed(directory: str | Path, build_builtin=None, _meta: bool = Fal
 
         weights = weight_files(directory)   # model.safetensors, or a streamed run's shards
         manifest = check_manifest(manifest, where, weights)
-        layout = _layout_model(directory, manifest, build_builtin)
-        if layout is not None:
-            check_compressed_layout(layout, weights, where, manifest.get("modules") or {})
+        check_compressed_layout(_layout_model(directory, manifest, build_builtin), weights, where,
+                                manifest.get("modules") or {})
     base = manifest.get("base") or {}
     if base.get("kind") == "hf":
         model = _build_hf(directory, base.get("class"))
@@ -217,8 +216,6 @@ def load_compressed(directory: str | Path, build_builtin=None, _meta: bool = Fal
         replace_module(model, name, shell)
     if _meta:
         return model
-    if layout is None:   # checked on the real model instead, before any tensor is read
-        check_compressed_layout(model, weights, where, manifest.get("modules") or {})
     for w in weights:
         check_finite_file(w)
     _check_sparse_sizes(model, sparse, directory / "model.safetensors", where)
@@ -235,19 +232,34 @@ def load_compressed(directory: str | Path, build_builtin=None, _meta: bool = Fal
 
 def _layout_model(directory: Path, manifest: dict, build_builtin) -> nn.Module:
     """The model the manifest describes, on the meta device: its tensors' names, shapes and
-    dtypes without their memory. A built-in base (shrink's own, small) is built for real.
-    None when a module's constructor computes on its values (the meta device has none)."""
-    build = build_builtin
-    if manifest["base"]["kind"] == "builtin" and build_builtin is not None:
-        real = build_builtin(manifest["base"]["name"])
-        build = lambda name: real  # noqa: E731
-    try:
-        with torch.device("meta"):
+    dtypes without their memory (for real where a module's constructor computes on its
+    values: the manifest's sizes are bounded by the weights' by then). A built-in base
+    (shrink's own, small) is built for real. Whatever goes wrong assembling it is the
+    files' fault: one ValueError naming the manifest."""
+    def attempt(device: str) -> nn.Module:
+        build = build_builtin
+        if manifest["base"]["kind"] == "builtin" and build_builtin is not None:
+            real = build_builtin(manifest["base"]["name"])
+            build = lambda name: real  # noqa: E731
+        with torch.device(device):
             return load_compressed(directory, build, _meta=True)
-    except (RuntimeError, NotImplementedError) as e:
-        if "meta" not in str(e):
+
+    try:
+        try:
+            return attempt("meta")
+        except (RuntimeError, NotImplementedError) as e:
+            if "meta" not in str(e):
+                raise
+        return attempt("cpu")
+    except FileNotFoundError:
+        raise
+    except ValueError as e:   # a module's own message may not say which directory
+        if str(directory) in str(e):
             raise
-        return None
+        raise ValueError(f"{directory / 'manifest.json'}: {one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - a manifest or config that does not fit the model it names
+        raise ValueError(f"{directory / 'manifest.json'}: the manifest does not fit the model it describes "
+                         f"({type(e).__name__}: {one_line(e)}); the directory is corrupt: compress again") from None
 
 
 def _conv_shell(m: dict, where: str) -> QuantConv2d:

@@ -25,6 +25,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from shrink.models.checks import check_finite_tensor
+
 SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 _CORRUPT = "the file is corrupt; export or download it again"
 _TRUNCATED = "the file is truncated or corrupt; export or download it again"
@@ -418,7 +420,9 @@ def _dequantize(info: GGUFInfo, t: GGUFTensor) -> torch.Tensor:
             raise ValueError(f"{info.path}: tensor {t.name!r} at byte offset {t.info_offset}: type {t.type_name} "
                              "cannot be dequantized by the installed gguf package; re-quantize the model to "
                              "another type with llama.cpp") from None
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(t.shape))
+    out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(t.shape))
+    check_finite_tensor(out, t.name, info.path)   # NaN/inf weights: refused, named
+    return out
 
 
 def load_gguf(path) -> torch.nn.Module:

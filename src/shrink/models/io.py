@@ -232,7 +232,8 @@ def _check_against_model(weights: Path, found: dict, ref: torch.nn.Module, confi
     prefix = getattr(ref, "base_model_prefix", None)
     check_layout(weights, found, expected, str(config_file), prefix=prefix)
     stored = sum(math.prod(s) for _, s in found.values())
-    declared = sum(math.prod(p.shape) for p in {id(p): p for p in ref.parameters()}.values())
+    tensors = {id(t): t for t in (*ref.parameters(), *ref.buffers())}   # buffers: what __init__ allocates too
+    declared = sum(math.prod(t.shape) for t in tensors.values())
     if declared > 2 * stored + (1 << 20):
         raise ValueError(f"{config_file}: describes a model of {declared:,} parameters but {weights} holds "
                          f"{stored:,} values; the weights and the config do not belong together")

@@ -173,6 +173,9 @@ def check_onnx_file(path: str | os.PathLike) -> tuple[object, dict | None]:
                          f"({'truncated' if size < meta['onnx_bytes'] else 'grown'} since); export it again")
     external = (meta or {}).get("external_data")
     if external:
+        if not isinstance(external, str) or Path(external).name != external or external in (".", ".."):
+            raise ValueError(f"{sidecar_path(path)}: external_data {external!r} is not a file name beside the "
+                             ".onnx (paths are refused); export it again")
         data_file = path.parent / external
         want = meta.get("external_data_bytes")
         if not data_file.is_file():
@@ -192,6 +195,7 @@ def check_onnx_file(path: str | os.PathLike) -> tuple[object, dict | None]:
     if not proto.HasField("graph") or not proto.graph.node or not proto.graph.output:
         what = "no graph" if not proto.HasField("graph") else "the graph has no nodes or no outputs"
         raise ValueError(f"{path}: not a usable ONNX model ({size:,} bytes): {what}")
+    _check_external_data(proto, path)
     try:
         # with its weights in a file beside it, the checker must know where the model lies
         outside = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
@@ -201,7 +205,73 @@ def check_onnx_file(path: str | os.PathLike) -> tuple[object, dict | None]:
     if meta is not None and meta.get("onnx_sha256") and _sha256(path) != meta["onnx_sha256"]:
         raise ValueError(f"{path}: its contents differ from what the export wrote (sha256 mismatch with "
                          f"{sidecar_path(path).name}): the file is corrupt; export it again")
+    _check_finite_initializers(proto, path)
     return proto, meta
+
+
+def _all_tensors(proto):
+    """Every TensorProto of the model: initializers and attribute values, subgraphs included."""
+    try:
+        from onnx.external_data_helper import _get_all_tensors
+    except ImportError:   # an onnx without the helper: the initializers, where exporters put weights
+        return list(proto.graph.initializer)
+    return list(_get_all_tensors(proto))
+
+
+def _check_external_data(proto, path: Path) -> None:
+    """Every tensor stored outside the .onnx names a file inside the model's directory (a
+    location that climbs out of it, absolute or through a link, is refused: a model file must
+    not make shrink read other files) that exists and holds the bytes the tensor declares."""
+    import onnx
+
+    folder = path.parent.resolve()
+    for t in _all_tensors(proto):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        where = f"{path}: tensor {t.name[:120]!r}"
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        rel = Path(location)
+        if not location or rel.is_absolute() or ".." in rel.parts or "\\" in location or ":" in location:
+            raise ValueError(f"{where}: external data location {location[:200]!r} is not a file name inside the "
+                             "model's directory; shrink refuses locations outside it")
+        target = (folder / rel).resolve()
+        if folder not in target.parents:
+            raise ValueError(f"{where}: external data {location[:200]!r} leads outside the model's directory "
+                             "(through a link); shrink refuses it")
+        if not target.is_file():
+            raise ValueError(f"{where}: its external data file {location[:200]!r} is missing (it must lie beside "
+                             "the .onnx)")
+        try:
+            offset = int(info.get("offset", "0"))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise ValueError(f"{where}: external data offset/length are not integers; the file is corrupt") from None
+        size = target.stat().st_size
+        if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
+            raise ValueError(f"{where}: external data at offset {offset} (length {length}) runs past the end of "
+                             f"{location[:200]} ({size:,} bytes); the weights file is truncated: export it again")
+
+
+def _check_finite_initializers(proto, path: Path) -> None:
+    """Float weights stored in the model hold no NaN or inf (one tensor in memory at a time)."""
+    import onnx
+    from onnx import numpy_helper
+
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+    for t in proto.graph.initializer:
+        if t.data_type not in floats:
+            continue
+        try:
+            arr = numpy_helper.to_array(t, base_dir=str(path.parent))
+        except Exception as e:  # noqa: BLE001 - onnx's own errors on a tensor whose bytes do not fit its dims
+            raise ValueError(f"{path}: initializer {t.name[:120]!r} cannot be read ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); the file is "
+                             "corrupt: export it again") from None
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise ValueError(f"{path}: initializer {t.name[:120]!r} of shape {list(arr.shape)} holds {bad} NaN/inf "
+                             "value(s); the weights are corrupt or the model diverged: fix them and export again")
 
 
 # wire format: field number -> (name, sub-message fields or None), for the messages worth naming;

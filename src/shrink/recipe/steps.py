@@ -209,7 +209,14 @@ def parse_recipe(recipe: Any) -> list:
         if path.suffix in (".yaml", ".yml", ".json") or path.exists():
             if not path.is_file():
                 raise FileNotFoundError(f"recipe {path}: no such file")
-            return parse_recipe(_load_yaml(path.read_text(encoding="utf-8"), str(path)))
+            doc = _load_yaml(_read_recipe_text(path), str(path))
+            if not isinstance(doc, list) or not doc:   # a file never names another recipe or file
+                raise ValueError(f"recipe {path}: a recipe file holds a non-empty list of steps, e.g. "
+                                 f"'- gptq: {{bits: 4}}'; found {type(doc).__name__ if doc else 'nothing'}")
+            try:
+                return parse_recipe(doc)
+            except ValueError as e:
+                raise ValueError(f"recipe {path}: {e}") from None
         close = difflib.get_close_matches(text, list(BUILTIN), n=3)
         hint = f"; closest: {', '.join(close)}" if close else f"; built-in recipes: {', '.join(BUILTIN)}"
         raise ValueError(f"unknown recipe {text!r} (not a built-in name or a file){hint}")
@@ -359,13 +366,41 @@ def _check_group(step, group) -> None:
                          f"(per channel), got {group!r}")
 
 
+MAX_RECIPE_BYTES = 1 << 20   # a recipe is a few lines; a larger file is not one
+
+
+def _read_recipe_text(path: Path) -> str:
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ValueError(f"recipe {path}: {size:,} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES:,}); "
+                         "is it the right file?")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"recipe {path}: not UTF-8 text (byte offset {e.start}); a recipe is a YAML file") from None
+
+
 def _load_yaml(text: str, where: str):
+    """The YAML document, loaded safely: plain data only, no Python objects (a `!!python/...`
+    tag is refused), no aliases (a recipe needs none, and they can blow up in size)."""
     import yaml
 
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                mark = event.start_mark
+                raise ValueError(f"recipe {where}: line {mark.line + 1}: YAML aliases (*name) are not allowed in "
+                                 "a recipe; write the steps out")
         return yaml.safe_load(text)  # safe: no object construction
     except yaml.YAMLError as e:
-        raise ValueError(f"recipe {where}: not valid YAML ({e})") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if "constructor for the tag" in str(what):
+            what += " (recipes are plain YAML data; Python objects are never built)"
+        raise ValueError(f"recipe {where}: not valid YAML: {at}{what}") from None
+    except RecursionError:
+        raise ValueError(f"recipe {where}: nested too deeply to be a recipe") from None
 
 
 # Built-in recipes by name (API.md): defined last, after the validators they run.
