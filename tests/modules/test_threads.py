@@ -231,3 +231,25 @@ def test_the_harness_catches_per_call_state_kept_on_the_module():
     model = _Racy().eval()
     inputs = [torch.randn(2, 16) for _ in range(6)]
     assert hammer(model, inputs, rounds=2) != []
+
+
+def test_intra_op_thread_blocks_from_several_threads_restore_the_count():
+    from shrink.modules.decode import intra_op_threads
+
+    before = torch.get_num_threads()
+    start = threading.Barrier(4)
+    inside = []
+
+    def worker(i):
+        start.wait()
+        for _ in range(20):
+            with intra_op_threads(1):
+                inside.append(torch.get_num_threads())
+                time.sleep(0.0005)
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert set(inside) == {1} and torch.get_num_threads() == before
