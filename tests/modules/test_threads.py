@@ -236,6 +236,8 @@ def test_the_harness_catches_per_call_state_kept_on_the_module():
 def test_intra_op_thread_blocks_from_several_threads_restore_the_count():
     from shrink.modules.decode import intra_op_threads
 
+    was = torch.get_num_threads()
+    torch.set_num_threads(3)   # a count the blocks' 1 differs from
     before = torch.get_num_threads()
     start = threading.Barrier(4)
     inside = []
@@ -252,4 +254,6 @@ def test_intra_op_thread_blocks_from_several_threads_restore_the_count():
         t.start()
     for t in pool:
         t.join()
-    assert set(inside) == {1} and torch.get_num_threads() == before
+    after = torch.get_num_threads()
+    torch.set_num_threads(was)
+    assert set(inside) == {1} and after == before == 3
