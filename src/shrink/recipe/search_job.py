@@ -19,7 +19,7 @@ from .job import _jsonable
 from .measure import four_ratios
 from .search import Constraints, candidate_space, choose, closest, meets, objectives, pareto_front, shortlist
 from .steps import parse_recipe, step_to_dict
-from .trials import Runner, default_workers
+from .trials import Runner, default_workers, write_tree
 
 Progress = Callable[[str, int, int], None]
 
@@ -65,14 +65,19 @@ def search_job(model_ref: str, out_dir: str | Path, *, device: str | None = None
         short = shortlist([c for c in cands if "error" not in c], cons, loose, higher, full)
         trials = out / "trials"
         full_res = runner.map([{**base_task, "kind": "trial", "stage": "full", "name": c["name"],
-                                "recipe": c["recipe"], "out_dir": str(trials / c["name"])} for c in short],
+                                "recipe": c["recipe"], "out_dir": str(trials / c["name"]),
+                                "return_files": cluster is not None} for c in short],
                               tick("search: full evaluations"))
+    for c, res in zip(short, full_res):
+        if "files" in res:   # from a cluster node: its saved model, written here
+            write_tree(res.pop("files"), trials / c["name"])
     for c, res in zip(short, full_res):
         c["proxy_quality"] = c["quality"]
         if "error" in res:
             c["error"], c["stage"] = res["error"], "full"
         else:
-            c.update(stage="full", quality=res["quality"], size_bytes=res["size_bytes"], seconds=res["seconds"])
+            c.update(stage="full", quality=res["quality"], size_bytes=res["size_bytes"], seconds=res["seconds"],
+                     ran_on=res.get("ran_on"))
     fulls = [c for c in short if c["stage"] == "full" and "error" not in c]
     timing = Runner.here_one_at_a_time(
         [{**base_task, "kind": "latency", "stage": "full", "name": None}] +

@@ -5,17 +5,26 @@ a Ray cluster. A worker prepares the model, its calibration data and metric once
 Tasks are plain dicts (picklable, and the same over Ray):
   {"kind": "baseline" | "trial" | "latency", "model": ref, "stage": "proxy" | "full",
    "seed": int, "device": name | None, "name": str, "recipe": [one-key dicts],
-   "out_dir": path | None, "path": a saved model dir (latency), "threads": int | None}
+   "out_dir": path | None, "path": a saved model dir (latency), "threads": int | None,
+   "return_files": bool (on a cluster: the saved model comes back as {relative path: bytes},
+   since the node's disk is not the driver's)}
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import socket
+import sys
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from shrink.fsutil import replace_dir
 
 _CACHE: dict = {}
 
@@ -80,11 +89,56 @@ def _run(task: dict) -> dict:
         lat = latency_metric(model, probe)
         return {"name": task.get("name"), "latency": lat, "energy": energy_estimate(model, probe["batch1"])}
     t0 = time.perf_counter()
-    doc = run_prepared(prepared, task["model"], parse_recipe(task["recipe"]), task.get("out_dir"),
-                       seed=task["seed"], device=task.get("device"), measure_speed=False, baseline=base)
+    out_dir = task.get("out_dir")
+    scratch = tempfile.mkdtemp(prefix="shrink-trial-") if out_dir and task.get("return_files") else None
+    try:
+        doc = run_prepared(prepared, task["model"], parse_recipe(task["recipe"]), scratch or out_dir,
+                           seed=task["seed"], device=task.get("device"), measure_speed=False, baseline=base)
+        files = _read_tree(Path(scratch)) if scratch else None
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     c = doc["compressed"]
-    return {"name": task["name"], "stage": task["stage"], "size_bytes": c["size_bytes"], "params": c["params"],
-            "quality": c.get("quality"), "seconds": time.perf_counter() - t0}
+    res = {"name": task["name"], "stage": task["stage"], "size_bytes": c["size_bytes"], "params": c["params"],
+           "quality": c.get("quality"), "seconds": time.perf_counter() - t0, "ran_on": _where()}
+    if files is not None:
+        res["files"] = files
+    return res
+
+
+def _where() -> str:
+    """Where a trial ran: 'ray:<node id>' in a Ray worker, else 'process:<host>:<pid>'."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            return f"ray:{ray.get_runtime_context().get_node_id()}"
+        except Exception:  # noqa: BLE001 - a driver process, not a worker
+            pass
+    return f"process:{socket.gethostname()}:{os.getpid()}"
+
+
+def _read_tree(root: Path) -> dict[str, bytes]:
+    """Every file under root by its relative path: a trial's saved model travels back this way
+    from a cluster node, whose disk the driver cannot read."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_tree(files: dict[str, bytes], root: str | Path) -> None:
+    """Write what _read_tree read under `root` (a directory put in place whole)."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        for rel, data in files.items():
+            target = (tmp / rel).resolve()
+            if tmp.resolve() not in target.parents:
+                raise ValueError(f"a trial returned the file {rel!r}, outside its directory")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        replace_dir(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class Runner:
@@ -100,6 +154,7 @@ class Runner:
             except ImportError:
                 raise ValueError("--cluster needs Ray, an optional extra: pip install 'shrink[cluster]' "
                                  "(or drop --cluster to run trials in local processes)") from None
+            _check_reachable(cluster)
             ray.init(address=cluster, ignore_reinit_error=True, log_to_driver=False)
             self._ray = ray
             self._remote = ray.remote(run_task)
@@ -146,6 +201,9 @@ class Runner:
         return out
 
     def close(self) -> None:
+        if self._ray is not None:
+            self._ray.shutdown()   # disconnects this driver; the cluster keeps running
+            self._ray = None
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
@@ -155,6 +213,21 @@ class Runner:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) nobody answers on fails now, in one line, instead of
+    after Ray's own minutes of retries. Other forms ('auto', 'local') go to Ray as they are."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"--cluster {address}: no Ray cluster answers there ({e.strerror or e}); start one with "
+                         "`ray start --head` on that machine and pass the address it prints, or drop --cluster "
+                         "to run trials in local processes") from None
 
 
 def default_workers() -> int:
