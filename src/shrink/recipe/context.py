@@ -20,20 +20,27 @@ class StepContext:
     report: Callable[[int, int], None] | None = None   # progress(done, total) of this step
     checkpoint: Any = None                 # recipe.resume.StepCheckpoint of a checkpointed run, else None
 
-    def train_checkpoint(self) -> dict:
-        """finetune()/TrainOptions keywords that checkpoint the engine into the run's state and
-        resume it there (checkpoint, checkpoint_every, resume, progress); {} when not checkpointed."""
+    def engine_options(self) -> dict:
+        """TrainOptions (or finetune) keywords that checkpoint the engine into the run's state and
+        resume it from there (checkpoint, checkpoint_every, resume); {} when not checkpointed.
+        One engine run per step: the file is the step's."""
         if self.checkpoint is None:
             return {}
-        path, every, event = self.checkpoint.training()
-        report = self.report
+        path, every, _ = self.checkpoint.training()
+        return {"checkpoint": path, "checkpoint_every": every, "resume": True}
+
+    def progress(self) -> Callable[[int, int], None] | None:
+        """The engine's progress callback: the step's report, and the run's count of checkpoints."""
+        if self.checkpoint is None:
+            return self.report
+        event, report = self.checkpoint.training()[2], self.report
 
         def progress(done: int, total: int) -> None:
             if report is not None:
                 report(done, total)
             event(done, total)
 
-        return {"checkpoint": path, "checkpoint_every": every, "resume": True, "progress": progress}
+        return progress
 
     def batches(self, batch_size: int | None = None, step: str = "training") -> list:
         """The training batches (train_data, else calibration), re-cut to batch_size rows."""

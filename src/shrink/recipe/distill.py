@@ -39,7 +39,7 @@ def run_distill(work: nn.Module, step: Distill, ctx: StepContext, rec: StepRecor
                 hidden_loss=step.hidden_loss, hidden_weight=step.hidden_weight, layer_map=student.layer_map)
     options = TrainOptions(steps=step.steps, epochs=step.epochs, lr=step.lr, seed=ctx.seed, precision=step.precision,
                            eval_every=max(1, TrainOptions(steps=step.steps, epochs=step.epochs).total_steps(
-                               len(batches)) // 10) if ctx.evaluate is not None else None)
+                               len(batches)) // 10) if ctx.evaluate is not None else None, **ctx.engine_options())
     p_teacher, p_student = n_params(teacher), n_params(student.model)
     details = rec.details
     details["student"] = {"from": student.source, "params": p_student, "teacher_params": p_teacher,
@@ -58,7 +58,7 @@ def run_distill(work: nn.Module, step: Distill, ctx: StepContext, rec: StepRecor
         details["quality_before"] = ctx.evaluate(student.model)
     tr = distill(student.model, teacher, batches, options, temperature=step.temperature, alpha=cfg.alpha,
                  hidden_loss=step.hidden_loss, hidden_weight=step.hidden_weight, layer_map=cfg.layer_map,
-                 kept=student.kept, evaluate=ctx.evaluate, progress=ctx.report)
+                 kept=student.kept, evaluate=ctx.evaluate, progress=ctx.progress())
     details["training"] = tr.to_dict()
     return student.model.eval()
 

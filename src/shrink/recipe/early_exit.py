@@ -53,10 +53,11 @@ def run_early_exit(work: nn.Module, step: EarlyExit, ctx: StepContext, rec: Step
                          "[layer indices]")
     batches = ctx.batches(step.batch_size, "early_exit")
     ee = attach_exits(work, step.exits, threshold=step.threshold, seed=ctx.seed)
-    options = TrainOptions(steps=step.steps, epochs=step.epochs, lr=step.lr, seed=ctx.seed, precision=step.precision)
+    options = TrainOptions(steps=step.steps, epochs=step.epochs, lr=step.lr, seed=ctx.seed, precision=step.precision,
+                           **ctx.engine_options())
     labeled = split_batch(batches[0])[1] is not None
     tr = train_exits(ee, batches, options, train_base=step.train_base,
-                     teacher=ctx.original if step.train_base else None, progress=ctx.report)
+                     teacher=ctx.original if step.train_base else None, progress=ctx.progress())
     rec.details["training"] = tr.to_dict()
     heads = [{"exit": e, "layers_run": e + 1, **h.describe(), "params": sum(p.numel() for p in h.parameters())}
              for e, h in zip(ee.exits, ee.heads)]

@@ -72,8 +72,9 @@ def run_lora(work: nn.Module, step: LoRA, ctx: StepContext, rec: StepRecord) -> 
         d["base_sqnr_db_mean"] = sum(sq) / len(sq) if sq else None
         d["base_bytes"] = sum(l.base_bytes for l in applied.layers)
         d["base_bytes_before"] = sum(l.base_bytes_before for l in applied.layers)
-    options = TrainOptions(steps=step.steps, epochs=step.epochs, lr=step.lr, seed=ctx.seed, precision=step.precision)
-    tr = train_lora(work, batches, options, loss=step.loss, teacher=ctx.original, progress=ctx.report)
+    options = TrainOptions(steps=step.steps, epochs=step.epochs, lr=step.lr, seed=ctx.seed, precision=step.precision,
+                           **(ctx.engine_options() if not step.dropout else {}))   # dropout's generator is not checkpointed
+    tr = train_lora(work, batches, options, loss=step.loss, teacher=ctx.original, progress=ctx.progress())
     d["training"] = tr.to_dict()
     d["loss"] = tr.loss
 

@@ -149,6 +149,6 @@ def _finetune(work: nn.Module, step: LowRank, ctx: StepContext, rec: StepRecord)
     if ctx.evaluate is not None:
         rec.details["quality_before_finetune"] = ctx.evaluate(work)
     tr = finetune(work, ctx.batches(ft.batch_size, "lowrank"), steps=ft.steps, epochs=ft.epochs, lr=ft.lr,
-                  loss=ft.loss, teacher=ctx.original, temperature=ft.temperature, progress=ctx.report,
-                  seed=ctx.seed, precision=ft.precision)
+                  loss=ft.loss, teacher=ctx.original, temperature=ft.temperature, progress=ctx.progress(),
+                  seed=ctx.seed, precision=ft.precision, **ctx.engine_options())
     rec.details["training"] = tr.to_dict()

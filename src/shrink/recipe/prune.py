@@ -34,8 +34,11 @@ SENSITIVITY_BATCHES = 2
 
 
 def run_unstructured(model: nn.Module, step: Prune, targets: list[Target], batches, rec: StepRecord,
-                     report) -> None:
-    """magnitude / wanda / sparsegpt on `targets` of `model` (in place)."""
+                     report, sc=None) -> None:
+    """magnitude / wanda / sparsegpt on `targets` of `model` (in place); sc: the run's
+    StepCheckpoint (recipe/resume.py), a checkpoint after each block of wanda / sparsegpt."""
+    from .resume import block_hooks
+
     targets = [t for t in targets if _prunable(t, rec, step.nm(), explicit=step.include is not None)]
     if not targets:
         raise ValueError(f"prune: method {step.method} found no dense Linear, Conv1D or Conv2d layer to prune (an "
@@ -46,6 +49,7 @@ def run_unstructured(model: nn.Module, step: Prune, targets: list[Target], batch
     runner = SequentialRunner(model, targets=targets)
     coll = HessianCollector(targets)
     done = [0]
+    start, after = block_hooks(sc, runner, done)
 
     def process_block(i: int, block: nn.Module, block_targets: list[Target]) -> None:
         for t in block_targets:
@@ -77,7 +81,7 @@ def run_unstructured(model: nn.Module, step: Prune, targets: list[Target], batch
             if report:
                 report(done[0], len(targets))
 
-    runner.run(batches, process_block, on_input=coll)
+    runner.run(batches, process_block, on_input=coll, start=start, after_block=after)
     rest = list(runner.unassigned)
     if rest:  # outside the repeated blocks (e.g. a classifier head): no activations, magnitude
         _magnitude(model, step, rest, None, rec, None,   # wanda/sparsegpt steps are layer-scoped

@@ -114,7 +114,8 @@ def run_qat(work: nn.Module, step: QAT, targets: list[Target], ctx: StepContext,
     t0 = time.perf_counter()
     layers = prepare_qat(work, targets, spec, act_bits=step.act_bits, lsq=step.lsq)
     _observe_activations(work, layers, batches)
-    options = TrainOptions(steps=step.steps, epochs=step.epochs, lr=step.lr, seed=ctx.seed, precision=step.precision)
+    options = TrainOptions(steps=step.steps, epochs=step.epochs, lr=step.lr, seed=ctx.seed, precision=step.precision,
+                           **ctx.engine_options())
     total = options.total_steps(len(batches))
     freeze_at = round(step.freeze_after * total)
     if freeze_at == 0:
@@ -129,7 +130,7 @@ def run_qat(work: nn.Module, step: QAT, targets: list[Target], ctx: StepContext,
     teacher.eval()
     try:
         tr = train(work, batches, qat_loss(kind, teacher, step.temperature, teacher_logits), options, masks=masks,
-                   progress=ctx.report, callback=callback, label=f"qat ({kind})")
+                   progress=ctx.progress(), callback=callback, label=f"qat ({kind})")
     finally:
         teacher.train(was_training)
     freeze_qat(work)   # a run that stopped before freeze_at (or freeze_after 1) fixes its last ranges

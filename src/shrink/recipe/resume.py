@@ -148,7 +148,7 @@ class Partial:
     layers: list                  # its LayerRecords so far
     skipped: list                 # rec.skipped as it was before the step's runner started
     details: dict
-    pending: list | None          # names of the targets not yet processed (None: all)
+    finished: list                # names of the targets it has processed (its runner is not given them again)
     tensors: dict                 # the step's own tensors
 
 
@@ -172,24 +172,32 @@ class Checkpointer:
         self.every_s = float(env) if env not in (None, "") else None
         self.train_every = 1 if self.every_s == 0 else TRAIN_EVERY
         self.current: str | None = None
+        self.resuming = False      # a state of this run was found (--resume)
         self.steps_done = 0
         self._last_end, self._last_cost = time.monotonic(), 0.0
         state = self._read_state(resume)
-        if state is not None and not resume:
-            self.warn(f"shrink compress: {self.root} holds an interrupted run's checkpoint; starting over "
-                      "(pass --resume to continue it instead)")
-            shutil.rmtree(self.root, ignore_errors=True)
-        elif state is not None:
-            diffs = [k for k in sorted(set(key) | set(state.get("key") or {})) if (state.get("key") or {}).get(k) != key.get(k)]
+        if resume and state is not None:
+            saved = state.get("key") or {}
+            diffs = [k for k in sorted(set(key) | set(saved)) if saved.get(k) != key.get(k)]
             if diffs:
-                saved = state.get("key") or {}
                 what = "; ".join(f"{k}: saved {_short(saved.get(k))}, now {_short(key.get(k))}" for k in diffs)
                 raise ValueError(f"--resume: {self.root} is the checkpoint of a different run ({what}); give the "
                                  "same model, recipe, seed and data as the interrupted run, or drop --resume to "
                                  "start over")
-            self.current = state.get("current")
-        elif resume:
+            self.current, self.resuming = state.get("current"), True
+            return
+        if resume:
             self.warn(f"shrink compress: --resume: no checkpoint in {self.root}; starting from the beginning")
+        elif self.root.exists():
+            self.warn(f"shrink compress: {self.root} holds an interrupted run's checkpoint; starting over "
+                      "(pass --resume to continue it instead)")
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)   # the key first: no file in here is ever of an unknown run
+        self._write_state()
+
+    def _write_state(self) -> None:
+        write_json_atomic(self.root / "state.json", {"format": FORMAT, "version": VERSION, "key": self.key,
+                                                     "current": self.current})
 
     def _read_state(self, resume: bool) -> dict | None:
         path = self.root / "state.json"
@@ -202,14 +210,20 @@ class Checkpointer:
         except (OSError, ValueError) as e:
             if resume:
                 raise ValueError(f"--resume: cannot read {path} ({e}); drop --resume to start over") from None
-            return {}
+            return None
         return state
 
     # ---------------------------------------------------------- reading
 
     def restore(self) -> Restored | None:
         """The latest checkpoint's model, finished step records and unfinished step, or None."""
+        if not self.resuming:
+            return None
         if self.current is None:
+            found = sorted(self.root.glob("train-step*.pt"))
+            what = (f"step {found[0].name[10:-3]}'s training from its checkpoint" if found
+                    else "no checkpoint was written yet: starting from the beginning")
+            self.warn(f"shrink compress: resuming in {self.root}: {what}")
             return None
         from safetensors.torch import load_file
 
@@ -236,7 +250,7 @@ class Checkpointer:
 
             own = {k.removeprefix("step/"): v for k, v in tensors.items() if k.startswith("step/")}
             partial = Partial(step=int(p["step"]), pos=p["pos"], layers=[LayerRecord.from_dict(x) for x in p["layers"]],
-                              skipped=p["skipped"], details=p["details"], pending=p["pending"], tensors=own)
+                              skipped=p["skipped"], details=p["details"], finished=p["finished"], tensors=own)
         at = (f"step {partial.step} from {_pos(partial.pos)}" if partial else f"after step {self.steps_done}")
         if partial is None and self.train_file(self.steps_done + 1).is_file():
             at += f", step {self.steps_done + 1}'s training from its own checkpoint"
@@ -274,9 +288,8 @@ class Checkpointer:
         _events[0] += 1
         _test_kill("during")
         os.replace(tmp, self.root / name)
-        write_json_atomic(self.root / "state.json", {"format": FORMAT, "version": VERSION, "key": self.key,
-                                                     "current": name})
         self.current, self.steps_done = name, steps_done
+        self._write_state()
         self._cleanup()
         self._last_end = time.monotonic()
         self._last_cost = self._last_end - t0
@@ -317,13 +330,13 @@ class StepCheckpoint:
         self.get_model, self.resumed = get_model, resumed
         self.skipped = [dict(s) for s in rec.skipped]   # before the runner adds its own
 
-    def save(self, pos: dict, *, pending: list | None = None, tensors: dict | None = None,
+    def save(self, pos: dict, *, finished: list | None = None, tensors: dict | None = None,
              force: bool = False) -> None:
         if not (force or self.ck.due()):
             return
         self.ck.commit(self.get_model(), self.records, self.index - 1,
                        partial={"step": self.index, "pos": pos, "layers": [x.to_dict() for x in self.rec.layers],
-                                "skipped": self.skipped, "details": self.rec.details, "pending": pending},
+                                "skipped": self.skipped, "details": self.rec.details, "finished": finished or []},
                        tensors=tensors)
 
     def training(self) -> tuple[str, int, Callable[[int, int], None]]:
@@ -372,12 +385,13 @@ def block_hooks(sc: StepCheckpoint | None, runner, done: list) -> tuple[int, Cal
     surgery.SequentialRunner); done[0] (layers finished) is restored on a resume."""
     if sc is None:
         return 0, None
-    start = 0
+    start, before = 0, []
     if sc.resumed is not None:
         start, done[0] = int(sc.resumed.pos["block"]), int(sc.resumed.pos["done"])
+        before = list(sc.resumed.finished)
 
     def after(i: int) -> None:
-        pending = [t.name for ts in runner.block_targets[i + 1:] for t in ts] + [t.name for t in runner.unassigned]
-        sc.save({"block": i + 1, "done": done[0]}, pending=pending)
+        finished = before + [t.name for ts in runner.block_targets[:i + 1] for t in ts]
+        sc.save({"block": i + 1, "done": done[0]}, finished=finished)
 
     return start, after

@@ -124,7 +124,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
         if isinstance(step, (Finetune, Distill, LoRA)) or getattr(step, "kind", None) == "structured_prune":
             rec.skipped = []   # they pick no layers by type: nothing was passed over
         if part is not None:   # targets already processed before the interruption are done
-            targets = [t for t in targets if part.pending is None or t.name in part.pending]
+            targets = [t for t in targets if t.name not in part.finished]
             restore_partial(rec, part)
         sc = StepCheckpoint(checkpoint, i, records, rec, lambda: work, part) if checkpoint is not None else None
         if isinstance(step, TRAINING_STEPS + (Finetune,)):
@@ -171,7 +171,7 @@ def _train_or_prune(work, original, step, targets, batches, rec: StepRecord, rep
     elif step.kind == "structured_prune":
         run_structured(work, step, batches, rec, report)
     else:
-        run_unstructured(work, step, targets, batches, rec, report)
+        run_unstructured(work, step, targets, batches, rec, report, sc)
 
 
 def _data_free(model, step, targets: list[Target], rec: StepRecord, report) -> None:

@@ -31,7 +31,7 @@ def run_finetune(model: nn.Module, step: Finetune, ctx: StepContext, rec: StepRe
                                                                                  nn.Parameter)}
     tr = finetune(model, ctx.batches(step.batch_size, "finetune"), steps=step.steps, epochs=step.epochs, lr=step.lr,
                   loss=step.loss, teacher=ctx.original, masks=masks, temperature=step.temperature,
-                  seed=ctx.seed, precision=step.precision, **{"progress": ctx.report, **ctx.train_checkpoint()})
+                  seed=ctx.seed, precision=step.precision, progress=ctx.progress(), **ctx.engine_options())
     rec.details["training"] = tr.to_dict()
     rec.details["masked_layers"] = len(masks)
     model.eval()
