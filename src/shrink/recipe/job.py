@@ -166,9 +166,14 @@ def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | No
         key = run_key(model_ref, model, steps, seed, batches=batches, train=train,
                       calib=(extra or {}).get("calib"), eval_source=(extra or {}).get("eval_source"))
         ck = Checkpointer(out_dir, key, base=base, resume=checkpoint == "resume")
-    res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress,
-                                   measure_speed=measure_speed, baseline=baseline, force=force, train_data=train,
-                                   seed=seed, checkpoint=ck)
+    try:
+        res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress,
+                                       measure_speed=measure_speed, baseline=baseline, force=force,
+                                       train_data=train, seed=seed, checkpoint=ck)
+    except BaseException:
+        if ck is not None:
+            ck.abandon()   # a failure before any checkpoint leaves no state behind
+        raise
     provenance = {"seed": seed, "recipe_sha256": recipe_hash(steps), "versions": versions()}
     doc = {"model": str(model_ref), **res.to_json(), "seconds": time.perf_counter() - t0, **provenance,
            "device": device, "job_memory": memory, **(extra or {})}

@@ -320,6 +320,11 @@ class Checkpointer:
         """The run is complete and written: its checkpoints go."""
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def abandon(self) -> None:
+        """The run failed: its state stays if there is anything to resume, else it goes."""
+        if self.current is None and not any(self.root.glob("train-step*.pt")):
+            shutil.rmtree(self.root, ignore_errors=True)
+
 
 class StepCheckpoint:
     """What one step's runner sees: where it resumes (`resumed`), save(), and the training file."""
