@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 CORPUS = Path(__file__).parent / "corpus"
 EXAMPLE_TIMEOUT_S = 30   # a reader that takes longer on a tiny file hangs
+EXAMPLE_MEMORY = 2 << 30   # nor does it need 2 GiB more address space
 
 
 def fuzz_settings(default_examples: int):
@@ -108,12 +109,36 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
+@contextmanager
+def memory_limit(extra_bytes: int = EXAMPLE_MEMORY):
+    """At most `extra_bytes` more address space for the block (RLIMIT_AS, where there is one):
+    an allocation sized by a corrupt length fails the example with MemoryError instead of
+    taking the machine's memory (the fuzzers once OOM-killed a run with 21 GB)."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        yield
+        return
+    cap = used + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def outcome(read, *args, names: str | None = None) -> str | None:
     """None if `read(*args)` succeeds, else its ValueError/FileNotFoundError message, which
     must be one line and contain `names` (the file); any other exception, or a library's
     raw ValueError subclass (UnicodeDecodeError, JSONDecodeError), propagates or fails."""
     try:
-        with time_limit(EXAMPLE_TIMEOUT_S):
+        with time_limit(EXAMPLE_TIMEOUT_S), memory_limit():
             read(*args)
     except (UnicodeError, json.JSONDecodeError):
         raise
@@ -133,3 +158,63 @@ def _event(what: str) -> None:
         event(what)
     except Exception:  # noqa: BLE001 - hypothesis refuses events outside a test it runs
         pass
+
+
+# ----------------------------------------------------------------------------- the real files mutated
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
+         "import os\nprint(os.path.join('a', 'b'))\n"]
+
+
+def build_gguf(path: Path) -> Path:
+    """A 1-block Llama with a 300-token BPE vocabulary, written by shrink's GGUF exporter (Q8_0)."""
+    from tests_support import tiny_llama
+
+    from shrink.export.gguf import write_gguf
+    from shrink.models.tiny_gpt import train_tokenizer
+
+    tok = train_tokenizer(TEXTS * 4, vocab_size=300)
+    model = tiny_llama(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1)
+    write_gguf(model, tok, path, "Q8_0")
+    return path
+
+
+def build_hf_dir(d: Path) -> Path:
+    """A tiny Llama written by save_pretrained (config.json + model.safetensors), and its state
+    dict pickled weights-only beside the directory (weights.bin)."""
+    import torch
+    from tests_support import tiny_llama
+
+    model = tiny_llama(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1)
+    model.save_pretrained(d)
+    (d / "generation_config.json").unlink(missing_ok=True)
+    torch.save(model.state_dict(), d.parent / "weights.bin")
+    return d
+
+
+def build_compressed_dir(d: Path) -> Path:
+    """A tiny Llama compressed by shrink (int8 per channel and w4 g16 RTN), saved by save_compressed."""
+    from tests_support import tiny_llama
+
+    from shrink.models.compressed import save_compressed
+    from shrink.recipe import compress
+
+    model = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1)
+    recipe = [{"rtn": {"bits": 8, "group_size": None, "include": ["*.q_proj", "*.k_proj", "*.mlp.*"]}},
+              {"rtn": {"bits": 4, "group_size": 16, "include": ["*.v_proj", "*.o_proj"]}}]
+    return save_compressed(compress(model, recipe).model, d, base={"kind": "hf"})
+
+
+def build_onnx(path: Path) -> Path:
+    """A small classifier (Linear-ReLU-Linear) written by shrink's ONNX exporter."""
+    import torch
+    from torch import nn
+
+    from shrink.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    export_onnx(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), path)
+    return path

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("hypothesis")
 pytest.importorskip("transformers")
 
-from fuzz_support import HUGE, fuzz_settings, mutate, mutations, outcome  # noqa: E402
+from fuzz_support import HUGE, build_compressed_dir, fuzz_settings, mutate, mutations, outcome  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -23,17 +23,7 @@ from shrink.models.compressed import load_compressed  # noqa: E402
 
 @pytest.fixture(scope="module")
 def compressed_dir(tmp_path_factory):
-    from tests_support import tiny_llama
-
-    from shrink.models.compressed import save_compressed
-    from shrink.recipe import compress
-
-    model = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=1)
-    recipe = [{"rtn": {"bits": 8, "group_size": None, "include": ["*.q_proj", "*.k_proj", "*.mlp.*"]}},
-              {"rtn": {"bits": 4, "group_size": 16, "include": ["*.v_proj", "*.o_proj"]}}]
-    res = compress(model, recipe)
-    return save_compressed(res.model, tmp_path_factory.mktemp("c") / "m", base={"kind": "hf"})
+    return build_compressed_dir(tmp_path_factory.mktemp("c") / "m")
 
 
 def _fresh(src, tmp_path, name):

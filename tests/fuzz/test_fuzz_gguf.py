@@ -11,32 +11,14 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("hypothesis")
 
-from fuzz_support import fuzz_settings, mutate, mutations, outcome  # noqa: E402
+from fuzz_support import build_gguf, fuzz_settings, mutate, mutations, outcome  # noqa: E402
 from hypothesis import given  # noqa: E402
 
 from shrink.models.gguf_read import check_gguf, load_gguf, load_gguf_tokenizer  # noqa: E402
 
-TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
-         "import os\nprint(os.path.join('a', 'b'))\n"]
-
-
-def tiny_gguf(path):
-    """A 1-block Llama with a 300-token BPE vocabulary, written by shrink's exporter (Q8_0)."""
-    from tests_support import tiny_llama
-
-    from shrink.export.gguf import write_gguf
-    from shrink.models.tiny_gpt import train_tokenizer
-
-    tok = train_tokenizer(TEXTS * 4, vocab_size=300)
-    model = tiny_llama(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1)
-    write_gguf(model, tok, path, "Q8_0")
-    return path
-
-
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
-    path = tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    path = build_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
     data = path.read_bytes()
     info = check_gguf(path)
     return data, info.data_offset

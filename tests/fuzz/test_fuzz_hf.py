@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("hypothesis")
 pytest.importorskip("transformers")
 
-from fuzz_support import HUGE, fuzz_settings, mutate, mutations, outcome  # noqa: E402
+from fuzz_support import HUGE, build_hf_dir, fuzz_settings, mutate, mutations, outcome  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -23,16 +23,7 @@ from shrink.models.io import load  # noqa: E402
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    import torch
-    from tests_support import tiny_llama
-
-    d = tmp_path_factory.mktemp("hf") / "tiny"
-    model = tiny_llama(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=1)
-    model.save_pretrained(d)
-    (d / "generation_config.json").unlink(missing_ok=True)
-    torch.save(model.state_dict(), d.parent / "weights.bin")
-    return d
+    return build_hf_dir(tmp_path_factory.mktemp("hf") / "tiny")
 
 
 def _copy(src, dst):
@@ -106,3 +97,26 @@ def test_mutated_pickle_loads_or_is_refused(hf_dir, tmp_path, ops):
     shutil.copy(hf_dir / "config.json", tmp_path / "config.json")
     path.write_bytes(mutate((hf_dir.parent / "weights.bin").read_bytes(), ops))
     outcome(load, path, names=str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from fuzz_support import TEXTS
+
+    from shrink.models.tiny_gpt import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    train_tokenizer(TEXTS * 4, vocab_size=300).save_pretrained(d)
+    return d
+
+
+@given(ops=mutations(max_ops=3))
+@fuzz_settings(60)
+def test_mutated_tokenizer_loads_or_is_refused(tokenizer_dir, tmp_path, ops):
+    from shrink.models.io import load_tokenizer
+
+    d = tmp_path / "t"
+    shutil.rmtree(d, ignore_errors=True)
+    _copy(tokenizer_dir, d)
+    (d / "tokenizer.json").write_bytes(mutate((tokenizer_dir / "tokenizer.json").read_bytes(), ops))
+    outcome(load_tokenizer, d, names=str(d))

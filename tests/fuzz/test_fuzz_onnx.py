@@ -13,28 +13,16 @@ pytest.importorskip("hypothesis")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from fuzz_support import fuzz_settings, mutate, mutations, outcome  # noqa: E402
+from fuzz_support import build_onnx, fuzz_settings, mutate, mutations, outcome  # noqa: E402
 from hypothesis import given  # noqa: E402
 
 from shrink.models.onnx_model import load_onnx, sidecar_path  # noqa: E402
 
 
-def tiny_onnx(path):
-    import torch
-    from torch import nn
-
-    from shrink.export.onnx import export_onnx
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    export_onnx(model, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def onnx_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
-    path = tiny_onnx(d / "mlp.onnx")
+    path = build_onnx(d / "mlp.onnx")
     plain = path.read_bytes()
     ext = d / "ext"
     ext.mkdir()

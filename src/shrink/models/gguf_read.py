@@ -253,7 +253,7 @@ def _architecture(info: GGUFInfo) -> str:
 def _blocks(info: GGUFInfo, key: str) -> int:
     n = _int(info, key)
     present = {int(m.group(1)) for name in info.tensors if (m := re.match(r"blk\.(\d+)\.", name))}
-    if present != set(range(n)):
+    if len(present) != n or present != set(range(n)):   # the length first: n comes from the file
         raise info.fail(key, f"declares {n} blocks, the tensors hold blocks {sorted(present)[:8]}"
                              f"{'...' if len(present) > 8 else ''}")
     return n

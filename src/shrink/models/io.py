@@ -452,7 +452,17 @@ def load_tokenizer(name_or_path: str | os.PathLike, progress: Callable[[int], No
             raise FileNotFoundError(_unknown(name_or_path, "no such file or directory, and not a built-in model name"))
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json or vocab.txt)")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, FileNotFoundError) as e:
+        if str(path) in str(e) and "\n" not in str(e).strip():
+            raise
+        raise ValueError(f"{path}: cannot load the tokenizer ({one_line(e)}); its files are corrupt or "
+                         "incomplete: save the tokenizer again") from None
+    except Exception as e:  # noqa: BLE001 - tokenizers' own errors on a corrupt tokenizer.json
+        raise ValueError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)}); its files "
+                         "are corrupt or incomplete: save the tokenizer again") from None
 
 
 def is_causal_lm(model) -> bool:
