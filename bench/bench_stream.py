@@ -149,7 +149,7 @@ def compare(a: Path, b: Path) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--inter", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=12)

@@ -12,9 +12,10 @@ Streamed peak, each term from the config:
 + one block, float   the largest block's weights at their stored width
 + the block, packed  its quantized output (codes + scales + zero-points), held with it
 + Hessians           calibrated steps: one [in x in] float64 sum per target of the block
-+ GPTQ working set   for the widest solve (q, k, v together): three copies of its fp32 rows
-                     (weights, quantized, error) and three [in x in] fp32 (damped H, its
-                     Cholesky inverse, the block's slice)
++ quantize           the widest layer (gptq: the widest group solved together, gate and up)
+                     in float64, three copies (scaled, rounded, the error), measured
++ GPTQ working set   three [in x in] fp32 for the widest input (damped H, its Cholesky
+                     inverse, the block's slice)
 + activations        calibrated steps: the hidden states of every calibration token (fp32,
                      replaced in place block by block) + one batch inside the block (q, k, v,
                      MLP, attention scores)
@@ -71,20 +72,24 @@ def job_memory(arch: Arch, job: JobShape = JobShape(), d: dict | None = None) ->
     d_model, inter = arch.hidden_size, arch.intermediate_size
     q_out, kv_out = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     act = hess = solve = stem = 0
+    # quantizing a layer (or a group solved together: gate and up) works in float64 next to it
+    group = max([s.out_features * s.in_features for s in per_layer]
+                + ([2 * inter * d_model] if job.calibrated and arch.gated_mlp else []))
+    quant = 3 * 8 * group
     if job.calibrated:
         act = (tokens * d_model * 4 + tokens * arch.head_dim * 4 * 2
                + tb * (q_out + 2 * kv_out + 3 * d_model + 3 * inter) * 4
                + 2 * job.batch * arch.num_heads * job.seq_len ** 2 * 4)
         hess = sum(8 * s.in_features ** 2 for s in per_layer)
         widest = max(per_layer, key=lambda s: s.in_features ** 2)
-        rows = (q_out + 2 * kv_out) if arch.family != "bert" else q_out
-        solve = 3 * max(rows * d_model, widest.out_features * widest.in_features) * 4 + 3 * 4 * widest.in_features ** 2
+        solve = 3 * 4 * widest.in_features ** 2
         stem = emb + pos
     output = L * block_packed + (emb + pos) * (1 if arch.tied_embeddings else 2)   # about: what can be pending
     writer = max(min(job.shard_bytes, output), largest)
-    streamed = RUNTIME_BYTES + stem + block_float + block_packed + hess + solve + act + writer
+    streamed = RUNTIME_BYTES + stem + block_float + block_packed + quant + hess + solve + act + writer
     in_memory = RUNTIME_BYTES + 2 * weights + act + hess
     parts = {"runtime": RUNTIME_BYTES, "stem": stem, "block_float": block_float, "block_packed": block_packed,
+             "quantize": quant,
              "hessians": hess, "gptq_solve": solve, "activations": act, "writer": writer, "weights": weights}
     if d is not None:
         calib = (f"activations {_mb(act)} ({tokens:,} calibration tokens x {d_model} hidden x 4 B, kept between "
@@ -97,6 +102,7 @@ def job_memory(arch: Arch, job: JobShape = JobShape(), d: dict | None = None) ->
             f"{job.label}, one block at a time: runtime {_mb(RUNTIME_BYTES)} + "
             + (f"embeddings as loaded {_mb(stem)} + " if stem else "")
             + f"largest block at {wb} B/weight {_mb(block_float)} + its quantized output {_mb(block_packed)} + "
+            + f"quantizing its widest layer or group in float64 3 x 8 B x {group:,} = {_mb(quant)} + "
             + (f"Hessians {_mb(hess)} + GPTQ working set {_mb(solve)} + activations {_mb(act)} + "
                if job.calibrated else "")
             + f"shard writer max(min({_mb(job.shard_bytes)} shard, {_mb(output)} output), {_mb(largest)} largest "

@@ -92,6 +92,7 @@ def stream_compress(model_dir: str | Path, recipe, out: str | Path, *, calibrati
         raise ValueError("gptq needs calibration batches (calibration=[...]) to stream a model")
     from shrink.models.shards import ShardReader, ShardWriter
 
+    _return_freed_memory()
     src = Path(str(model_dir)).expanduser()
     reader = ShardReader(src)
     model = _skeleton(src)
@@ -122,6 +123,20 @@ def stream_compress(model_dir: str | Path, recipe, out: str | Path, *, calibrati
     return {"recipe": [step_to_dict(s) for s in steps], "steps": [rec.to_dict()], "baseline": baseline,
             "compressed": compressed, "size_reduction": baseline["size_bytes"] / compressed["size_bytes"],
             "warnings": warnings}
+
+
+def _return_freed_memory() -> None:
+    """glibc serves allocations under its (adaptive, up to 32 MiB) mmap threshold from the heap,
+    where a freed block's weights stay with the process: block after block the heap only grows.
+    A fixed 1 MiB threshold maps every weight-sized tensor on its own, and freeing it unmaps it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):   # not glibc: nothing to tune
+        pass
 
 
 def _skeleton(src: Path) -> nn.Module:
