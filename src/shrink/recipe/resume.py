@@ -285,6 +285,7 @@ class Checkpointer:
             save_file(own, str(tmp / "tensors.safetensors"))
         write_json_atomic(tmp / "progress.json", {"steps_done": steps_done,
                                                   "records": [r.to_dict() for r in records], "partial": partial})
+        _fsync_tree(tmp)   # on disk before the rename makes it the checkpoint (a power cut, not only a kill)
         _events[0] += 1
         _test_kill("during")
         os.replace(tmp, self.root / name)
@@ -372,6 +373,15 @@ def step_seed(seed: int, index: int) -> None:
     """The global generator at the start of step `index` depends on the seed and the index only,
     not on what ran before (a resumed run skips the steps before)."""
     torch.manual_seed(seed * 1000 + index)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*"), reverse=True) + [root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _short(v) -> str:
