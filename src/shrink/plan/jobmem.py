@@ -22,7 +22,7 @@ Streamed peak, each term from the config:
 + writer             the tensors waiting for their shard: max(shard size, largest tensor)
 
 In-memory peak (recipe/memory.py's rule): the model + its working copy + the same
-activations and one block's Hessians, + the runtime."""
+activations, one block's Hessians and quantize/GPTQ working sets, + the runtime."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,7 +87,7 @@ def job_memory(arch: Arch, job: JobShape = JobShape(), d: dict | None = None) ->
     output = L * block_packed + (emb + pos) * (1 if arch.tied_embeddings else 2)   # about: what can be pending
     writer = max(min(job.shard_bytes, output), largest)
     streamed = RUNTIME_BYTES + stem + block_float + block_packed + quant + hess + solve + act + writer
-    in_memory = RUNTIME_BYTES + 2 * weights + act + hess
+    in_memory = RUNTIME_BYTES + 2 * weights + act + hess + quant + solve
     parts = {"runtime": RUNTIME_BYTES, "stem": stem, "block_float": block_float, "block_packed": block_packed,
              "quantize": quant,
              "hessians": hess, "gptq_solve": solve, "activations": act, "writer": writer, "weights": weights}
@@ -97,7 +97,7 @@ def job_memory(arch: Arch, job: JobShape = JobShape(), d: dict | None = None) ->
                  f"(8 B x in^2 per target)") if job.calibrated else "no calibration (weights only)"
         d["job_memory[in_memory]"] = (
             f"{job.label}: runtime {_mb(RUNTIME_BYTES)} + model {_mb(weights)} + working copy {_mb(weights)} + "
-            f"{calib} = {_mb(in_memory)}")
+            f"{calib} + quantize working set {_mb(quant + solve)} = {_mb(in_memory)}")
         d["job_memory[streamed]"] = (
             f"{job.label}, one block at a time: runtime {_mb(RUNTIME_BYTES)} + "
             + (f"embeddings as loaded {_mb(stem)} + " if stem else "")
