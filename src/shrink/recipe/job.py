@@ -7,6 +7,8 @@ accuracy on the held-out split for the digits classifiers.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -14,7 +16,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from shrink.fsutil import write_json_atomic
+from shrink.fsutil import fsync_file, temp_path_for
 from shrink.models.io import is_causal_lm
 
 from .figures import plan_section
@@ -61,6 +63,10 @@ def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_l
 
     model = load(model_ref)
     name = str(model_ref)
+    if type(model).__name__ == "OnnxModel":
+        raise ValueError(f"{model_ref}: an ONNX file runs in ONNX Runtime and its graph cannot be recompressed; "
+                         f"compress the model it was exported from ({source_of(model_ref)!s}) or a Hugging Face "
+                         "directory, then export that")
     if name in ("digits-mlp", "digits-cnn"):
         from shrink.models.digits import digits_data
 
@@ -80,7 +86,12 @@ def prepare(model_ref: str, calib: str | None = None, n_samples: int = 64, seq_l
                         train)
     base = {"kind": "hf"} if getattr(model, "config", None) is not None else {"kind": "builtin", "name": name}
     try:
-        tok = load_tokenizer(model_ref)
+        try:
+            tok = load_tokenizer(model_ref)
+        except (FileNotFoundError, ValueError, OSError):
+            if source_of(model_ref) == str(model_ref):
+                raise
+            tok = load_tokenizer(source_of(model_ref))   # a compressed DIR reads text as its source model does
     except (FileNotFoundError, ValueError, OSError):
         if eval_source is not None:
             raise ValueError(f"--eval {eval_source}: {model_ref} has no tokenizer to read the text with") from None
@@ -137,10 +148,16 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
                                 seed=seed, device=device, progress=progress, force=force)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    prepared = prepare(model_ref, calib=calib, seed=seed, eval_source=eval_source)
-    return run_prepared(prepared, model_ref, steps, out_dir, seed=seed, device=device, progress=progress, t0=t0,
-                        force=force, extra={"calib": calib, "eval_source": eval_source},
-                        checkpoint="resume" if resume else "fresh")
+    existed = Path(out_dir).exists()
+    try:
+        prepared = prepare(model_ref, calib=calib, seed=seed, eval_source=eval_source)
+        return run_prepared(prepared, model_ref, steps, out_dir, seed=seed, device=device, progress=progress, t0=t0,
+                            force=force, extra={"calib": calib, "eval_source": eval_source},
+                            checkpoint="resume" if resume else "fresh")
+    except BaseException:
+        if not existed and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
+            Path(out_dir).rmdir()   # a failed run leaves no empty DIR behind (DIR/.resume stays when it has one)
+        raise
 
 
 def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | None, *, seed: int = 0,
@@ -181,9 +198,15 @@ def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | No
                                                 {"baseline": doc["baseline"], "compressed": doc["compressed"]})
     if out_dir is not None:
         out = Path(out_dir)
-        save_compressed(res.model, out / "model", base=base,
-                        extra={"recipe": doc["recipe"], "source_model": str(model_ref), **provenance})
-        write_json_atomic(out / "result.json", _jsonable(doc))
+        # result.json is finished under a temporary name first, then the model directory goes
+        # in place (one atomic exchange), then result.json: a failure (a full disk) leaves the
+        # previous pair as it was, never a new model beside an old result.json
+        with temp_path_for(out / "result.json") as tmp:
+            tmp.write_bytes((json.dumps(_jsonable(doc), indent=2) + "\n").encode())
+            fsync_file(tmp)
+            save_compressed(res.model, out / "model", base=base,
+                            extra={"recipe": doc["recipe"], "source_model": str(model_ref), **provenance})
+            os.replace(tmp, out / "result.json")
         if ck is not None:
             ck.finish()
     return _jsonable(doc)
@@ -191,8 +214,6 @@ def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | No
 
 def source_of(model_ref: str) -> str:
     """The model a compressed directory was made from (its manifest's source_model), else model_ref."""
-    import json
-
     from shrink.models.compressed import is_compressed_dir
 
     p = Path(str(model_ref)).expanduser()
