@@ -86,3 +86,23 @@ def test_finite_check_names_the_first_bad_value_and_counts_all():
 def test_one_line_keeps_the_first_line():
     assert one_line("first\n  second\n") == "first"
     assert one_line("x" * 400).endswith("...") and len(one_line("x" * 400)) == 300
+
+
+def test_a_compressed_dir_with_nan_scales_or_int_scales_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from shrink.models.compressed import load_compressed, save_compressed
+    from shrink.recipe import compress
+
+    out = save_compressed(compress(tiny_llama(), "int8").model, tmp_path / "c", base={"kind": "hf"})
+    good = load_file(str(out / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.scales"
+    state = dict(good, **{key: good[key].clone()})
+    state[key][3] = float("nan")
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"model.safetensors: tensor '{key}' of shape .* holds 1 NaN/inf"):
+        load_compressed(out)
+    save_file(dict(good, **{key: good[key].to(torch.int16)}), str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"module model.layers.0.self_attn.q_proj \(QuantLinear\) expects {key} as "
+                                         r"float16, but model.safetensors holds int16"):
+        load_compressed(out)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from shrink.fsutil import replace_dir
-from shrink.models.checks import check_compressed_layout, check_finite_file, check_manifest, one_line
+from shrink.models.checks import check_compressed_layout, check_finite_state, check_manifest, one_line
 from shrink.modules import (EarlyExitModel, InputScaled, LoRALinear, LowRankLinear, QuantConv2d, QuantLinear,
                             SparseConv2d, SparseLinear, W8A8Linear)
 from shrink.quant import QuantSpec
@@ -216,8 +216,6 @@ def load_compressed(directory: str | Path, build_builtin=None, _meta: bool = Fal
         replace_module(model, name, shell)
     if _meta:
         return model
-    for w in weights:
-        check_finite_file(w)
     _check_sparse_sizes(model, sparse, directory / "model.safetensors", where)
     from .shards import load_weights
 
@@ -225,6 +223,7 @@ def load_compressed(directory: str | Path, build_builtin=None, _meta: bool = Fal
     if missing or unexpected:
         raise ValueError(f"{directory / 'model.safetensors'}: tensors do not match the manifest "
                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    check_finite_state(model.state_dict(), weights[0] if len(weights) == 1 else directory)   # NaN/inf: named
     for name in merged:   # W' is recomputed from the saved base and adapters: the same bytes
         model.get_submodule(name).merge()
     return model.eval()

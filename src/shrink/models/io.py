@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from shrink.models.checks import (check_finite_file, check_finite_state, check_layout, expected_layout, one_line,
+from shrink.models.checks import (check_finite_state, check_finite_tensor, check_layout, expected_layout, one_line,
                                   quiet_transformers, read_pickled_weights, read_safetensors, safetensors_header,
                                   state_layout)
 
@@ -258,8 +258,6 @@ def _load_hf_dir(path: Path) -> torch.nn.Module:
     for shard in shards:
         found.update(safetensors_header(shard))
     _check_against_model(shards[0] if len(shards) == 1 else path, found, ref, config_file)
-    for shard in shards:
-        check_finite_file(shard)
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
@@ -269,6 +267,8 @@ def _load_hf_dir(path: Path) -> torch.nn.Module:
         raise ValueError(f"{path}: transformers cannot load the model ({one_line(e)})") from None
     if info["missing_keys"] or info.get("mismatched_keys"):
         raise _mismatch(path, config_file, info["missing_keys"], info.get("mismatched_keys") or [])
+    for name, p in model.named_parameters():   # in memory now: no second read of the file
+        check_finite_tensor(p, name, shards[0] if len(shards) == 1 else path)
     return model.eval()
 
 
