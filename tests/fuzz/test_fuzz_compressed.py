@@ -92,3 +92,14 @@ def test_manifest_bytes_load_or_are_refused(compressed_dir, tmp_path, ops):
     d = _fresh(compressed_dir, tmp_path, "b")
     (d / "manifest.json").write_bytes(mutate((compressed_dir / "manifest.json").read_bytes(), ops))
     outcome(load_compressed, d, names=str(d))
+
+
+@given(data=st.data())
+@fuzz_settings(40)
+def test_config_values_load_or_are_refused(compressed_dir, tmp_path, data):
+    config = json.loads((compressed_dir / "config.json").read_text())
+    key = data.draw(st.sampled_from(sorted(config)), label="key")
+    config[key] = data.draw(JSON, label="value")
+    d = _fresh(compressed_dir, tmp_path, "cfg")
+    (d / "config.json").write_text(json.dumps(config))
+    outcome(load_compressed, d, names=str(d))

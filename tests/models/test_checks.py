@@ -51,12 +51,27 @@ def test_a_shard_index_that_points_outside_the_directory_is_refused(tmp_path):
 
 
 def test_a_config_declaring_a_giant_model_is_refused_before_allocating(tmp_path):
+    import time
+
+    import transformers
+    from safetensors.torch import save_file
+
     tiny_llama().save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    config["num_hidden_layers"] = 300   # the file holds 3 blocks: the rest would be random
+    config["num_hidden_layers"] = 2_000_000   # minutes to build even on the meta device
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="describes a model of .* parameters but .* holds"):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="num_hidden_layers is 2,000,000 but .* holds only 30 tensors"):
         load(tmp_path / "m")
+    assert time.perf_counter() - start < 5
+    # a file that holds only the embeddings of a config with 13M more weights: random-initialized, refused
+    (tmp_path / "big").mkdir()
+    transformers.LlamaConfig(vocab_size=64, hidden_size=512, intermediate_size=8192, num_hidden_layers=1,
+                             num_attention_heads=8, num_key_value_heads=8).to_json_file(tmp_path / "big" / "config.json")
+    save_file({"model.embed_tokens.weight": torch.zeros(64, 512), "model.norm.weight": torch.ones(512),
+               "lm_head.weight": torch.zeros(64, 512)}, str(tmp_path / "big" / "model.safetensors"))
+    with pytest.raises(ValueError, match="describes a model of .* parameters but .* holds"):
+        load(tmp_path / "big")
 
 
 def test_pickles_are_read_weights_only(tmp_path):

@@ -154,6 +154,20 @@ def state_layout(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.dtype,
     return {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
 
 
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
+
+
+def check_layer_counts(config: dict, n_tensors: int, config_file: object, weights: object) -> None:
+    """A config's layer counts against the tensors its weights hold (every layer has at least
+    one): building a model of millions of declared layers takes minutes even on the meta
+    device, so such a config is refused first."""
+    for key in _LAYER_KEYS:
+        v = config.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > n_tensors:
+            raise ValueError(f"{config_file}: {key} is {v:,} but {weights} holds only {n_tensors:,} tensors; "
+                             "the config does not belong to these weights")
+
+
 # ----------------------------------------------------------------------------- finite values
 
 def check_finite_tensor(t: torch.Tensor, name: str, path: object) -> None:
@@ -338,6 +352,16 @@ def check_manifest(manifest, where: Path, weights: list[Path] = ()) -> dict:
                 raise ValueError(str(e) if str(e).startswith(str(where)) else f"{at}: {one_line(e)}") from None
             except (TypeError, KeyError, OverflowError, AttributeError) as e:
                 raise ValueError(f"{at}: bad QuantSpec ({type(e).__name__}: {one_line(e)})") from None
+    config_file = Path(where).parent / "config.json"
+    if weights and base["kind"] == "hf" and config_file.is_file() and config_file.stat().st_size < 16 << 20:
+        import json
+
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{config_file}: not a valid JSON config ({one_line(e)})") from None
+        if isinstance(config, dict):
+            check_layer_counts(config, sum(len(safetensors_header(w)) for w in weights), config_file, weights[0])
     if weights:
         # even 1-bit codes or a 90%-sparse layer store far more than 1/64 byte per weight
         size = sum(w.stat().st_size for w in weights)

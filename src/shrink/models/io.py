@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from shrink.models.checks import (check_finite_state, check_finite_tensor, check_layout, expected_layout, one_line,
+from shrink.models.checks import (check_finite_state, check_finite_tensor, check_layer_counts, check_layout,
+                                  expected_layout, one_line,
                                   quiet_transformers, read_pickled_weights, read_safetensors, safetensors_header,
                                   state_layout)
 
@@ -251,12 +252,13 @@ def _load_hf_dir(path: Path) -> torch.nn.Module:
         model = _load_weights_with_config(_weights_in(path), config, config_file)
         model.config.name_or_path = str(path)
         return model
-    hf_config = _hf_config(config, config_file)
-    cls = _hf_class(config, config_file)
-    ref = _meta_model(_concrete_hf_class(cls, hf_config, config_file), hf_config, config_file)
     found: dict = {}
     for shard in shards:
         found.update(safetensors_header(shard))
+    check_layer_counts(config, len(found), config_file, shards[0] if len(shards) == 1 else path)
+    hf_config = _hf_config(config, config_file)
+    cls = _hf_class(config, config_file)
+    ref = _meta_model(_concrete_hf_class(cls, hf_config, config_file), hf_config, config_file)
     _check_against_model(shards[0] if len(shards) == 1 else path, found, ref, config_file)
     try:
         with quiet_transformers():
@@ -347,15 +349,15 @@ def _load_weights_with_config(weights: Path, config: dict, config_file: Path) ->
 
     if "model_type" not in config:
         raise ValueError(f"{config_file}: a transformers config needs a 'model_type'")
+    found = safetensors_header(weights) if weights.suffix == ".safetensors" else None
+    state = _read_weights(weights) if found is None else None   # a pickle: read (weights only) to see it
+    check_layer_counts(config, len(found if found is not None else state), config_file, weights)
     hf_config = _hf_config(config, config_file)
     cls = _concrete_hf_class(_hf_class(config, config_file), hf_config, config_file)
     ref = _meta_model(cls, hf_config, config_file)
-    found = safetensors_header(weights) if weights.suffix == ".safetensors" else None
-    if found is not None:
-        _check_against_model(weights, found, ref, config_file)
-    state = _read_weights(weights)
-    if found is None:
-        _check_against_model(weights, state_layout(state), ref, config_file)
+    _check_against_model(weights, found if found is not None else state_layout(state), ref, config_file)
+    if state is None:
+        state = _read_weights(weights)
     check_finite_state(state, weights)
     # from_pretrained with a state dict: built without a random init, tied weights tied, as from a directory
     try:
