@@ -153,6 +153,13 @@ def pickle_that_needs_objects(good, tmp):
     return ["inspect", str(d), "--no-data"], "convert it to safetensors"
 
 
+def nan_weights_in_export(good, tmp):
+    d = _llama(good, tmp)
+    name = "model.embed_tokens.weight"
+    _edit_weights(d, lambda s: s[name].__setitem__((5, 1), float("-inf")))
+    return ["export", str(d), "--format", "gguf:F32", "-o", str(tmp / "out")], "embed_tokens.weight"
+
+
 def empty_calibration_file(good, tmp):
     (tmp / "empty.txt").write_bytes(b"")
     return (["compress", str(_llama(good, tmp)), "--recipe", "w4-gptq", "--calib", str(tmp / "empty.txt"),
@@ -187,8 +194,9 @@ def corrupt_compressed_manifest(good, tmp):
 
 CASES = [missing_file, truncated_safetensors, bad_safetensors_header_length, bad_gguf_magic,
          gguf_length_past_the_end, truncated_gguf, int_tensor_for_a_weight, nan_weights, inf_weights_in_compress,
-         shapes_that_do_not_match_the_config, unsupported_architecture, config_not_json, pickle_that_needs_objects,
-         empty_calibration_file, bad_recipe_yaml, recipe_with_a_python_object, corrupt_compressed_manifest]
+         nan_weights_in_export, shapes_that_do_not_match_the_config, unsupported_architecture, config_not_json,
+         pickle_that_needs_objects, empty_calibration_file, bad_recipe_yaml, recipe_with_a_python_object,
+         corrupt_compressed_manifest]
 
 
 def _hashes(root: Path) -> dict[str, str]:
