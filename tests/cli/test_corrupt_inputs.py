@@ -178,6 +178,27 @@ def recipe_with_a_python_object(good, tmp):
         "recipe.yaml"
 
 
+def _compressed(good, tmp) -> Path:
+    from shrink.models.compressed import save_compressed
+    from shrink.models.io import load
+    from shrink.recipe import compress
+
+    return save_compressed(compress(load(good / "llama"), "int8").model, tmp / "c", base={"kind": "hf"},
+                           extra={"source_model": str(good / "llama")})
+
+
+def compressed_manifest_not_json(good, tmp):
+    out = _compressed(good, tmp)
+    (out / "manifest.json").write_text("[1, 2")
+    return ["eval", str(out)], "manifest.json"
+
+
+def compressed_manifest_a_list(good, tmp):
+    out = _compressed(good, tmp)
+    (out / "manifest.json").write_text("[1, 2]")
+    return ["inspect", str(out), "--no-data"], "manifest.json"
+
+
 def corrupt_compressed_manifest(good, tmp):
     from shrink.models.compressed import save_compressed
     from shrink.models.io import load
@@ -196,7 +217,7 @@ CASES = [missing_file, truncated_safetensors, bad_safetensors_header_length, bad
          gguf_length_past_the_end, truncated_gguf, int_tensor_for_a_weight, nan_weights, inf_weights_in_compress,
          nan_weights_in_export, shapes_that_do_not_match_the_config, unsupported_architecture, config_not_json,
          pickle_that_needs_objects, empty_calibration_file, bad_recipe_yaml, recipe_with_a_python_object,
-         corrupt_compressed_manifest]
+         corrupt_compressed_manifest, compressed_manifest_not_json, compressed_manifest_a_list]
 
 
 def _hashes(root: Path) -> dict[str, str]:

@@ -40,6 +40,28 @@ def one_line(text: object, limit: int = 300) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
+MAX_JSON_BYTES = 16 << 20   # a config, manifest or index larger than this is not one
+
+
+def read_json_object(path: str | Path, what: str = "JSON file") -> dict:
+    """A JSON object from a file: a missing, oversized, non-UTF-8, malformed, too deeply nested
+    or non-object file is one ValueError (FileNotFoundError) naming it."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size:,} bytes is too large for a {what}")
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a valid {what} ({one_line(e)})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a {what} must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
 # ----------------------------------------------------------------------------- safetensors
 
 def safetensors_header(path: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

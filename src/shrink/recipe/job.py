@@ -223,9 +223,11 @@ def source_of(model_ref: str) -> str:
         return onnx_source_model(p) or str(model_ref)
     for candidate in (p, p / "model"):
         if is_compressed_dir(candidate):
-            manifest = json.loads((candidate / "manifest.json").read_text(encoding="utf-8"))
+            from shrink.models.checks import read_json_object
+
+            manifest = read_json_object(candidate / "manifest.json", "shrink-compressed manifest")
             source = manifest.get("source_model")
-            if not source:
+            if not source or not isinstance(source, str):
                 raise ValueError(f"{candidate}/manifest.json names no source_model: cannot rebuild its data and metric")
             return str(source)
     return str(model_ref)
