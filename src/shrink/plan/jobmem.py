@@ -14,8 +14,9 @@ Streamed peak, each term from the config:
 + Hessians           calibrated steps: one [in x in] float64 sum per target of the block
 + quantize           the widest layer (gptq: the widest group solved together, gate and up)
                      in float64, three copies (scaled, rounded, the error), measured
-+ GPTQ working set   three [in x in] float64 for the widest input (damped H, its Cholesky
-                     inverse, the block's slice)
++ GPTQ working set   seven [in x in] float64 for the widest input (algos/gptq.py's
+                     _inverse_cholesky: H, the damped copy, its flip, the factor, the
+                     identity, the triangular solve and its flip)
 + activations        calibrated steps: the hidden states of every calibration token (fp32,
                      replaced in place block by block) + one batch inside the block (q, k, v,
                      MLP, attention scores)
@@ -82,7 +83,7 @@ def job_memory(arch: Arch, job: JobShape = JobShape(), d: dict | None = None) ->
                + 2 * job.batch * arch.num_heads * job.seq_len ** 2 * 4)
         hess = sum(8 * s.in_features ** 2 for s in per_layer)
         widest = max(per_layer, key=lambda s: s.in_features ** 2)
-        solve = 3 * 8 * widest.in_features ** 2
+        solve = 7 * 8 * widest.in_features ** 2
         stem = emb + pos
     output = L * block_packed + (emb + pos) * (1 if arch.tied_embeddings else 2)   # about: what can be pending
     writer = max(min(job.shard_bytes, output), largest)
