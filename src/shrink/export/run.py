@@ -147,14 +147,13 @@ def _full_depth(model, kind: str, record: dict):
 
 def _packed_extra(model_ref: str) -> dict:
     """The recipe and source of a compressed DIR, carried into the packed copy's manifest."""
-    import json
-
+    from shrink.models.checks import read_json_object
     from shrink.models.compressed import is_compressed_dir
 
     p = Path(str(model_ref)).expanduser()
     for candidate in (p, p / "model"):
         if is_compressed_dir(candidate):
-            manifest = json.loads((candidate / "manifest.json").read_text(encoding="utf-8"))
+            manifest = read_json_object(candidate / "manifest.json", "compressed-model manifest")
             return {k: v for k, v in manifest.items() if k not in ("format", "version", "base", "modules")}
     return {"source_model": str(model_ref)}
 
