@@ -115,6 +115,10 @@ def test_job_streams_when_forced_and_records_memory(llama_dir, tmp_path, monkeyp
     assert doc["compressed"]["size_bytes"] == ref["compressed"]["size_bytes"]
     assert "quality_note" in doc   # no tokenizer: said, not measured
     assert json.loads((tmp_path / "s" / "result.json").read_text())["streamed"] is True
+    manifest = json.loads((tmp_path / "s" / "model" / "manifest.json").read_text())
+    same = json.loads((tmp_path / "m" / "model" / "manifest.json").read_text())
+    for key in ("recipe", "recipe_sha256", "seed", "versions"):   # the same provenance as an in-memory run
+        assert manifest[key] == same[key] == doc[key] == ref[key], key
 
 
 def test_plan_predicts_job_memory(llama_dir):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -144,6 +145,8 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
 
     streamed = stream_choice(model_ref, steps)   # too big for memory (or SHRINK_STREAM=1): block by block
     if streamed is not None:
+        if resume:
+            print("shrink compress: a streamed job does not checkpoint; --resume starts it over", file=sys.stderr)
         return run_streamed_job(model_ref, steps, out_dir, streamed, calib=calib, eval_source=eval_source,
                                 seed=seed, device=device, progress=progress, force=force)
     torch.manual_seed(seed)

@@ -75,17 +75,21 @@ def run_streamed_job(model_ref, steps: list, out_dir, prediction: dict, *, calib
 
     from .figures import plan_section
     from .job import _jsonable
+    from .resume import recipe_hash, versions
+    from .steps import step_to_dict
     from .stream import stream_compress
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     batches = calibration_for(model_ref, calib, seed) if isinstance(steps[0], GPTQ) else None
     out = Path(out_dir)
+    provenance = {"seed": seed, "recipe_sha256": recipe_hash(steps), "versions": versions()}
     res = stream_compress(model_ref, steps, out / "model", calibration=batches, progress=progress, force=force,
-                          extra={"source_model": str(model_ref)})
+                          extra={"recipe": [step_to_dict(s) for s in steps], "source_model": str(model_ref),
+                                 **provenance})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     doc = {"model": str(model_ref), **res, "ratios": four_ratios(res["baseline"], res["compressed"]),
-           "figures": {}, "seed": seed, "device": device, "calib": calib, "eval_source": eval_source,
+           "figures": {}, **provenance, "device": device, "calib": calib, "eval_source": eval_source,
            "streamed": True,
            "memory": {"predicted_streamed_bytes": prediction["streamed_bytes"],
                       "predicted_in_memory_bytes": prediction["in_memory_bytes"],
