@@ -268,6 +268,8 @@ _ENTRY_FIELDS = {
                     "bias": "bool", "spec": "spec", **{g: "geometry" for g in _GEOMETRY}},
     "SparseLinear": {"in_features": "dim", "out_features": "dim", "layout": "str", "nnz": "count",
                      "bias": "bool", "dtype": "dtype"},
+    "SparseQuantLinear": {"in_features": "dim", "out_features": "dim", "bias": "bool", "spec": "spec",
+                          "layout": "str", "nnz": "count"},
     "SparseConv2d": {"in_channels": "dim", "out_channels": "dim", "groups": "dim", "padding_mode": "str",
                      "layout": "str", "nnz": "count", "bias": "bool", "dtype": "dtype",
                      **{g: "geometry" for g in _GEOMETRY}},

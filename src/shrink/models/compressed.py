@@ -11,8 +11,9 @@ DIR/
                       or SparseConv2d its layout, nnz, n:m and dtype; a LowRankLinear its rank,
                       its factors listed again where a later step quantized them; a LoRALinear its
                       rank, alpha, base kind and whether it ran merged, a QuantLinear base listed
-                      again), recipe, metrics; an early-exit model (EarlyExitModel around a
-                      built-in Sequential) its exits, threshold and heads under "early_exit"
+                      again; a SparseQuantLinear also its layout, nnz and n:m), recipe, metrics;
+                      an early-exit model (EarlyExitModel around a built-in Sequential) its
+                      exits, threshold and heads under "early_exit"
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from torch import nn
 from shrink.fsutil import replace_dir
 from shrink.models.checks import check_compressed_layout, check_finite_state, check_manifest, one_line
 from shrink.modules import (EarlyExitModel, InputScaled, LoRALinear, LowRankLinear, QuantConv2d, QuantLinear,
-                            SparseConv2d, SparseLinear, W8A8Linear)
+                            SparseConv2d, SparseLinear, SparseQuantLinear, W8A8Linear)
 from shrink.quant import QuantSpec
 from shrink.surgery import replace_module
 
@@ -102,6 +103,9 @@ def compressed_modules(model: nn.Module) -> dict[str, dict]:
             out[name] = {"type": "QuantLinear", "in_features": ql.in_features, "out_features": ql.out_features,
                          "bias": ql.bias is not None, "spec": spec_to_dict(ql.spec), "input_scaled": scaled,
                          "weight_dtype": str(ql.weight_dtype).removeprefix("torch.")}
+            if isinstance(ql, SparseQuantLinear):   # the kept weights' codes + the pattern
+                out[name].update({"type": "SparseQuantLinear", "layout": ql.layout, "nnz": ql.nnz, "n": ql.n,
+                                  "m": ql.m})
     return out
 
 
@@ -206,11 +210,19 @@ def load_compressed(directory: str | Path, build_builtin=None, _meta: bool = Fal
             replace_module(model, name, _sparse_shell(m, f"{where}: module {name}"))
             sparse[name] = m
             continue
-        if m.get("type") != "QuantLinear":
+        if m.get("type") not in ("QuantLinear", "SparseQuantLinear"):
             raise ValueError(f"{where}: module {name} has unknown type {m.get('type')!r}")
         spec = spec_from_dict(m["spec"], f"{where}: module {name}")
-        shell = QuantLinear(int(m["in_features"]), int(m["out_features"]), spec, bias=bool(m["bias"]),
-                            weight_dtype=_DTYPES[m.get("weight_dtype", "float32")])
+        dims = (int(m["in_features"]), int(m["out_features"]), spec)
+        dtype = _DTYPES[m.get("weight_dtype", "float32")]
+        if m["type"] == "SparseQuantLinear":
+            try:
+                shell = SparseQuantLinear(*dims, m["layout"], int(m["nnz"]), bias=bool(m["bias"]), n=m.get("n"),
+                                          m=m.get("m"), weight_dtype=dtype)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{where}: module {name}: bad SparseQuantLinear entry ({one_line(e)})") from None
+        else:
+            shell = QuantLinear(*dims, bias=bool(m["bias"]), weight_dtype=dtype)
         if m.get("input_scaled"):
             shell = InputScaled(shell, torch.ones(int(m["in_features"])))
         replace_module(model, name, shell)

@@ -73,7 +73,8 @@ def run_unstructured(model: nn.Module, step: Prune, targets: list[Target], batch
             note += f"; error_rtn column = magnitude pruning's error at the same sparsity ({err_ref:.4g})"
             if qt is not None:
                 install(model, t, qt, rec, f"{fmt(step.spec())}+sparse{_level(mask):.0%}", err, err_ref,
-                        time.perf_counter() - t0, note + "; jointly quantized (codes stored dense)")
+                        time.perf_counter() - t0, note + "; jointly quantized",
+                        pattern=(mask.cpu(), *(step.nm() or (None, None))))
             else:
                 install_sparse(model, t, new, mask, step, rec, err, err_ref, time.perf_counter() - t0, note)
             coll.pop(t.name)

@@ -66,7 +66,7 @@ def model_nbytes(model: nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, packed):
             total += mod.nbytes
-            if mod.bias is not None and not _is_sparse(mod):   # a sparse layer's nbytes has its bias
+            if mod.bias is not None and not _nbytes_has_bias(mod):   # a sparse layer's nbytes has its bias
                 total += mod.bias.numel() * mod.bias.element_size()
             seen.update(t.data_ptr() for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)))
     for mod in model.modules():
@@ -115,6 +115,14 @@ def _packed_types() -> tuple[type, ...]:
 
 def _is_sparse(mod: nn.Module) -> bool:
     return callable(getattr(mod, "dense_weight", None)) and hasattr(mod, "nnz")
+
+
+def _nbytes_has_bias(mod: nn.Module) -> bool:
+    """SparseLinear / SparseConv2d count their bias in nbytes; the quantized layers
+    (SparseQuantLinear included, though sparse) do not."""
+    from shrink.modules._sparse import SparseBase
+
+    return isinstance(mod, SparseBase)
 
 
 def _logical(mod: nn.Module) -> int:

@@ -27,6 +27,7 @@ from shrink.surgery import SequentialRunner, Target, find_fold_source, fold_into
 
 from .figures import run_figures
 from .install import as_linear as _as_linear, fmt as _fmt, install as _install, sqnr as _sqnr
+from .install import sparse_pattern as _sparse_pattern
 from .hessians import HessianCollector, gptq_row_groups, hessian_error, row_parts, split_rows
 from .measure import four_ratios, measure
 from .records import LayerRecord, StepRecord
@@ -205,9 +206,10 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report, sc=None)
             t0 = time.perf_counter()
             h = first[group[0].name].hessian()
             w = torch.cat([t.weight_view().detach().float() for t in group])
-            sparse = any(t.kind == "sparse_linear" for t in group)
-            mask = torch.cat([t.module.mask() if t.kind == "sparse_linear" else torch.ones_like(
-                t.weight_view(), dtype=torch.bool) for t in group]) if sparse else None
+            pats = {t.name: _sparse_pattern(t) for t in group}   # pruned earlier: masked GPTQ keeps the zeros
+            mask = torch.cat([pats[t.name][0].to(w.device) if pats[t.name] is not None else torch.ones(
+                t.out_features, t.in_features, dtype=torch.bool, device=w.device) for t in group]) \
+                if any(p is not None for p in pats.values()) else None
             res = gptq(w, h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order,
                        observer=step.observer, mask=mask)
             per = (time.perf_counter() - t0) / len(group)
@@ -224,8 +226,8 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report, sc=None)
                     note += f" Cholesky retried {res.retries}x, damp {res.damp_used:g}"
                 if t.kind == "conv2d":
                     note += f"; Hessian over {first[t.name].samples} im2col patches"
-                if t.kind == "sparse_linear":
-                    note += "; pruned weights held at zero (masked GPTQ); the int codes are stored dense"
+                if pats[t.name] is not None:
+                    note += "; pruned weights held at zero (masked GPTQ)"
                 _install(model, t, qt, rec, _fmt(spec), err, err_rtn, per, note.strip("; "))
             for t in group:
                 coll.pop(t.name)

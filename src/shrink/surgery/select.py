@@ -122,7 +122,8 @@ def quantized_kind_of(module: nn.Module) -> str | None:
     below surgery, but the duck type is what the targets use), else None."""
     if not callable(getattr(module, "dequantized_weight", None)) or not hasattr(module, "spec"):
         return None
-    return {"QuantLinear": "quant_linear", "QuantConv2d": "quant_conv2d"}.get(type(module).__name__)
+    return {"QuantLinear": "quant_linear", "SparseQuantLinear": "quant_linear",
+            "QuantConv2d": "quant_conv2d"}.get(type(module).__name__)
 
 
 def _is_param(module: nn.Module, attr: str) -> bool:
