@@ -35,10 +35,12 @@ class ShardReader:
         self.directory = Path(directory)
         index = self.directory / INDEX
         if index.is_file():
+            from shrink.models.checks import read_json_object
+
+            doc = read_json_object(index, "safetensors index")   # size, UTF-8, nesting depth checked
             try:
-                doc = json.loads(index.read_text(encoding="utf-8"))
                 weight_map = doc["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except KeyError as e:
                 raise ValueError(f"{index}: not a safetensors index ({e}); expected "
                                  "{\"weight_map\": {tensor: file}}") from None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
