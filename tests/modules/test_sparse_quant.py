@@ -143,3 +143,19 @@ def test_state_dict_round_trip_and_a_corrupt_pattern_refused():
         shell.load_state_dict({**sd, "positions": bad})
     with pytest.raises(RuntimeError, match="casting would change the pattern"):
         shell.load_state_dict({**sd, "positions": sd["positions"].to(torch.int16)})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("bits", [4, 3])
+def test_cuda_paths_equal_the_dense_codes_module(bits):
+    w, mask, bias = _case(seed=7)
+    qt = quantize(w * mask, INT4.with_(bits=bits))
+    sq = SparseQuantLinear.from_qtensor(qt, bias, mask, "bitmask").to("cuda")
+    same = QuantLinear.from_qtensor(sq.to_qtensor(), bias).to("cuda")
+    assert sq.kernel == same.kernel and sq.kernel in ("int4pack_cuda", "dequant_cuda")
+    x = torch.randn(5, 128, device="cuda")
+    assert torch.equal(sq(x), same(x))
+    d = sq.dense_weight()
+    assert d.device.type == "cuda" and bool((d[~mask.cuda()] == 0).all())
+    back = sq.cpu()   # moved back: the CPU path, the same weight
+    assert torch.equal(back.dense_weight(), d.cpu()) and back.kernel == ("int4pack_cpu" if bits == 4 else "reference")

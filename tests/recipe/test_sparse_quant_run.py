@@ -129,3 +129,21 @@ def test_sparsegpt_joint_quantization_stores_sparse_codes(llama):
     layers = [m for m in res.model.modules() if isinstance(m, SparseQuantLinear)]
     assert len(layers) == 14 and all(abs(m.sparsity - 0.5) < 1e-9 for m in layers)
     assert all(int((m.dense_weight() == 0).sum()) >= m.nnz for m in layers)
+
+
+def test_awq_and_rtn_after_pruning_keep_the_sparsity(llama):
+    model, batches, _ = llama
+    for q in ({"awq": {"group_size": 32}}, {"rtn": {"bits": 8, "group_size": None, "symmetric": True}}):
+        res = compress(model, [{"prune": {"method": "magnitude", "sparsity": 0.5}}, q], calibration=batches,
+                       measure_speed=False)
+        layers = [m for m in res.model.modules() if isinstance(m, SparseQuantLinear)]
+        assert len(layers) == 14 and all(bool((m.dense_weight()[~m.mask()] == 0).all()) for m in layers)
+        assert all(l.format.endswith("+bitmask") for l in res.steps[1].layers)
+
+
+def test_a_pattern_that_costs_more_than_it_saves_stays_dense(llama):
+    model, batches, _ = llama
+    res = compress(model, [{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"rtn": {"bits": 2, "group_size": 32}}],
+                   measure_speed=False)   # 2-bit codes at 50%: the 1-bit mask saves nothing
+    assert not any(isinstance(m, SparseQuantLinear) for m in res.model.modules())
+    assert all("stored dense" in l.note for l in res.steps[1].layers)
