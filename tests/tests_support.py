@@ -57,3 +57,16 @@ def tiny_bert(**kw):
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                   intermediate_size=48, **kw)
     return transformers.BertModel(cfg).eval()
+
+
+# result.json fields that are timings or derived from them: they differ run to run.
+TIMING = {"seconds", "latency_ms", "latency", "energy", "L", "E"}
+
+
+def strip_timings(doc):
+    """result.json without the timing fields, for comparing two runs."""
+    if isinstance(doc, dict):
+        return {k: strip_timings(v) for k, v in doc.items() if k not in TIMING}
+    if isinstance(doc, list):
+        return [strip_timings(v) for v in doc]
+    return doc

@@ -11,19 +11,11 @@ import torch
 
 from shrink.recipe.job import run_job
 from shrink.recipe.steps import parse_recipe, step_to_dict
+from tests_support import strip_timings as strip
 
 RECIPE = [{"prune": {"method": "wanda", "sparsity": 0.5}},
           {"finetune": {"steps": 4, "loss": "ce"}},
           {"gptq": {"bits": 4, "group_size": 32}}]
-TIMING = {"seconds", "latency_ms", "latency", "energy", "L", "E"}
-
-
-def strip(doc):
-    if isinstance(doc, dict):
-        return {k: strip(v) for k, v in doc.items() if k not in TIMING}
-    if isinstance(doc, list):
-        return [strip(v) for v in doc]
-    return doc
 
 
 @pytest.fixture(scope="module")

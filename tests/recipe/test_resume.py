@@ -17,23 +17,13 @@ import shrink.recipe.resume as resume_mod
 from shrink.recipe import compress
 from shrink.recipe.resume import Checkpointer, fingerprint, run_key
 from shrink.recipe.steps import parse_recipe
-from tests_support import tiny_llama
+from tests_support import strip_timings as strip, tiny_llama
 
-TIMING = {"seconds", "latency_ms", "latency", "energy", "L", "E"}
 RNG = random.Random(8)   # the kill points: seeded, no hypothesis
 
 
 class Interrupted(BaseException):
     pass
-
-
-def strip(doc):
-    """result.json without the timing fields (and what is derived from timings)."""
-    if isinstance(doc, dict):
-        return {k: strip(v) for k, v in doc.items() if k not in TIMING}
-    if isinstance(doc, list):
-        return [strip(v) for v in doc]
-    return doc
 
 
 def files(d: Path) -> dict[str, bytes]:

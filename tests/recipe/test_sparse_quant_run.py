@@ -13,16 +13,12 @@ from shrink.modules import QuantLinear, SparseLinear, SparseQuantLinear
 from shrink.recipe import compress
 from shrink.recipe.records import model_nbytes
 from shrink.surgery import replace_module
+from tests_support import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, 64, (4, 32), generator=g)} for _ in range(4)]
     held = torch.randint(0, 64, (2, 32), generator=g)

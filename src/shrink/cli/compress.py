@@ -33,7 +33,8 @@ def run(args) -> int:
 
     progress = bar_callback()
     doc = run_job(args.model, args.recipe, args.output, calib=args.calib, eval_source=args.eval_source, seed=args.seed, device=args.device,
-                  force=args.force, progress=progress, resume=args.resume)
+                  force=args.force, progress=progress, resume=args.resume,
+                  note=lambda msg: print(msg, file=sys.stderr))
     report = write_report(args.output)
     if args.json:
         json.dump(doc, sys.stdout, indent=2, default=str)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -128,7 +127,7 @@ def _lines(texts: list[str], n: int) -> list[str]:
 def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = None,
             eval_source: str | None = None, seed: int = 0,
             device: str | None = None, force: bool = False, progress: Progress | None = None,
-            resume: bool = False) -> dict:
+            resume: bool = False, note: Callable[[str], None] | None = None) -> dict:
     """device: a name from the plan's device table; the result's plan then says whether each
     format fits there and draws the roofline of that device.
 
@@ -145,8 +144,8 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
 
     streamed = stream_choice(model_ref, steps)   # too big for memory (or SHRINK_STREAM=1): block by block
     if streamed is not None:
-        if resume:
-            print("shrink compress: a streamed job does not checkpoint; --resume starts it over", file=sys.stderr)
+        if resume and note is not None:
+            note("shrink compress: a streamed job does not checkpoint; --resume starts it over")
         return run_streamed_job(model_ref, steps, out_dir, streamed, calib=calib, eval_source=eval_source,
                                 seed=seed, device=device, progress=progress, force=force)
     torch.manual_seed(seed)
@@ -156,7 +155,7 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
         prepared = prepare(model_ref, calib=calib, seed=seed, eval_source=eval_source)
         return run_prepared(prepared, model_ref, steps, out_dir, seed=seed, device=device, progress=progress, t0=t0,
                             force=force, extra={"calib": calib, "eval_source": eval_source},
-                            checkpoint="resume" if resume else "fresh")
+                            checkpoint="resume" if resume else "fresh", note=note)
     except BaseException:
         if not existed and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
             Path(out_dir).rmdir()   # a failed run leaves no empty DIR behind (DIR/.resume stays when it has one)
@@ -166,10 +165,12 @@ def run_job(model_ref: str, recipe, out_dir: str | Path, *, calib: str | None = 
 def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | None, *, seed: int = 0,
                  device: str | None = None, progress: Progress | None = None, t0: float | None = None,
                  measure_speed: bool = True, baseline: dict | None = None, force: bool = False,
-                 extra: dict | None = None, checkpoint: str | None = None) -> dict:
+                 extra: dict | None = None, checkpoint: str | None = None,
+                 note: Callable[[str], None] | None = None) -> dict:
     """run_job on a model already prepared (search reuses one preparation for many recipes);
     out_dir None: measure only, save nothing. checkpoint "fresh" or "resume": checkpoint into
-    out_dir/.resume (and continue the run there); None: no checkpoints."""
+    out_dir/.resume (and continue the run there); None: no checkpoints. note(message): where the
+    checkpoints' notes go (resuming from where, an old state discarded); None: nowhere."""
     from shrink.models.compressed import save_compressed
 
     from .resume import Checkpointer, recipe_hash, run_key, versions
@@ -185,7 +186,7 @@ def run_prepared(prepared, model_ref: str, steps: list, out_dir: str | Path | No
     if checkpoint is not None and out_dir is not None:
         key = run_key(model_ref, model, steps, seed, batches=batches, train=train,
                       calib=(extra or {}).get("calib"), eval_source=(extra or {}).get("eval_source"))
-        ck = Checkpointer(out_dir, key, base=base, resume=checkpoint == "resume")
+        ck = Checkpointer(out_dir, key, base=base, resume=checkpoint == "resume", warn=note)
     try:
         res: CompressResult = compress(model, steps, calibration=batches, evaluate=metric, progress=progress,
                                        measure_speed=measure_speed, baseline=baseline, force=force,

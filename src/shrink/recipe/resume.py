@@ -167,7 +167,7 @@ class Checkpointer:
                  warn: Callable[[str], None] | None = None):
         self.root = Path(out_dir) / STATE_DIR
         self.key, self.base = key, base
-        self.warn = warn or (lambda msg: print(msg, file=sys.stderr))
+        self.warn = warn or (lambda msg: None)   # the CLI passes a printer; the library says nothing
         env = os.environ.get("SHRINK_CHECKPOINT_EVERY_S")
         self.every_s = float(env) if env not in (None, "") else None
         self.train_every = 1 if self.every_s == 0 else TRAIN_EVERY
