@@ -19,7 +19,8 @@ Streamed peak, each term from the config:
                      identity, the triangular solve and its flip)
 + activations        calibrated steps: the hidden states of every calibration token (fp32,
                      replaced in place block by block) + one batch inside the block (q, k, v,
-                     MLP, attention scores)
+                     MLP, attention scores); all the calibration rows at once where GPTQ runs
+                     in one pass (one_pass_bytes within ONE_PASS_BUDGET)
 + writer             the tensors waiting for their shard: max(shard size, largest tensor)
 
 In-memory peak (recipe/memory.py's rule): the model + its working copy + the same
@@ -34,6 +35,16 @@ from .arch import Arch
 from .formats import FormatInfo, matrix_bytes
 
 STREAMABLE_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")   # what recipe/stream.py can stream
+# GPTQ runs a block once on all calibration rows joined (recipe/gptq_inline.py) when that
+# batch's activations through the widest layer, ONE_PASS_COPIES of them, fit this budget.
+ONE_PASS_BUDGET = 2 * 2**30
+ONE_PASS_COPIES = 6
+
+
+def one_pass_bytes(rows: int, widest: int) -> int:
+    """The one-pass GPTQ's estimate of its joined batch inside a block: rows (tokens) x the
+    widest layer (max of in and out features) x 4 B, ONE_PASS_COPIES live at once."""
+    return rows * widest * 4 * ONE_PASS_COPIES
 RUNTIME_BYTES = 640 * 2**20
 SHARD_BYTES = 256 * 2**20
 
@@ -78,6 +89,9 @@ def job_memory(arch: Arch, job: JobShape = JobShape(), d: dict | None = None) ->
                 + ([2 * inter * d_model] if job.calibrated and arch.gated_mlp else []))
     quant = 3 * 8 * group
     if job.calibrated:
+        widest_io = max(max(s.in_features, s.out_features) for s in per_layer)
+        if one_pass_bytes(tokens, widest_io) <= ONE_PASS_BUDGET:
+            tb = tokens   # GPTQ in one pass: every calibration row inside the block at once
         act = (tokens * d_model * 4 + tokens * arch.head_dim * 4 * 2
                + tb * (q_out + 2 * kv_out + 3 * d_model + 3 * inter) * 4
                + 2 * job.batch * arch.num_heads * job.seq_len ** 2 * 4)
@@ -93,8 +107,9 @@ def job_memory(arch: Arch, job: JobShape = JobShape(), d: dict | None = None) ->
              "quantize": quant,
              "hessians": hess, "gptq_solve": solve, "activations": act, "writer": writer, "weights": weights}
     if d is not None:
+        inside = "all of them joined (one-pass GPTQ)" if tb == tokens else f"one batch of {tb:,} tokens"
         calib = (f"activations {_mb(act)} ({tokens:,} calibration tokens x {d_model} hidden x 4 B, kept between "
-                 f"blocks, + one batch of {tb:,} tokens inside a block) + one block's Hessians {_mb(hess)} "
+                 f"blocks, + {inside} inside a block) + one block's Hessians {_mb(hess)} "
                  f"(8 B x in^2 per target)") if job.calibrated else "no calibration (weights only)"
         d["job_memory[in_memory]"] = (
             f"{job.label}: runtime {_mb(RUNTIME_BYTES)} + model {_mb(weights)} + working copy {_mb(weights)} + "

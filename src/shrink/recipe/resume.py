@@ -395,9 +395,11 @@ def _pos(pos: dict) -> str:
     return f"after round {pos['round']}" if "round" in pos else "its last checkpoint"
 
 
-def block_hooks(sc: StepCheckpoint | None, runner, done: list) -> tuple[int, Callable[[int], None] | None]:
+def block_hooks(sc: StepCheckpoint | None, runner, done: list,
+                extra: Callable[[], dict] | None = None) -> tuple[int, Callable[[int], None] | None]:
     """(first block to process, after_block callback) for a sequential step (runner:
-    surgery.SequentialRunner); done[0] (layers finished) is restored on a resume."""
+    surgery.SequentialRunner); done[0] (layers finished) is restored on a resume.
+    extra(): more JSON the checkpoint keeps beside the position (sc.resumed.pos on a resume)."""
     if sc is None:
         return 0, None
     start, before = 0, []
@@ -407,6 +409,6 @@ def block_hooks(sc: StepCheckpoint | None, runner, done: list) -> tuple[int, Cal
 
     def after(i: int) -> None:
         finished = before + [t.name for ts in runner.block_targets[:i + 1] for t in ts]
-        sc.save({"block": i + 1, "done": done[0]}, finished=finished)
+        sc.save({"block": i + 1, "done": done[0], **(extra() if extra is not None else {})}, finished=finished)
 
     return start, after

@@ -28,6 +28,7 @@ from shrink.surgery import SequentialRunner, Target, find_fold_source, fold_into
 from .figures import run_figures
 from .install import as_linear as _as_linear, fmt as _fmt, install as _install, sqnr as _sqnr
 from .install import sparse_pattern as _sparse_pattern
+from .gptq_inline import run_one_pass
 from .hessians import HessianCollector, gptq_row_groups, hessian_error, row_parts, split_rows
 from .measure import four_ratios, measure
 from .records import LayerRecord, StepRecord
@@ -108,7 +109,8 @@ def compress(model: nn.Module, recipe: Any, calibration: Iterable | None = None,
         part = state.partial if state is not None and state.partial and state.partial.step == i else None
         rec = StepRecord(index=i, step=step_to_dict(step))
         t0 = time.perf_counter()
-        types = ("linear", "conv1d", "conv2d") + (("sparse_linear",) if step.kind == "quantize" else ())
+        types = ("linear", "conv1d", "conv2d") + (("sparse_linear",) if step.kind == "quantize" else ()) + (
+            ("sparse_conv2d",) if isinstance(step, (RTN, KMeans, GPTQ, MixedPrecision)) else ())   # pruned convs
         if getattr(step, "refines", False):   # qat: also the layers a PTQ step quantized before it
             types += ("quant_linear", "quant_conv2d")
         sel = select_modules(work, types=types, include=step.include, exclude=step.exclude)
@@ -193,6 +195,9 @@ def _data_free(model, step, targets: list[Target], rec: StepRecord, report) -> N
 
 def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report, sc=None) -> None:
     spec = step.spec()
+    runner = run_one_pass(model, step, targets, batches, rec, report, sc)   # recipe/gptq_inline.py
+    if runner is not None:
+        return _rtn_outside_blocks(model, runner, spec, rec)
     runner = SequentialRunner(model, targets=targets)
     coll = HessianCollector(targets)
 

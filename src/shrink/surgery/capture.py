@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -354,7 +355,8 @@ class SequentialRunner:
 
     def run(self, batches: Iterable, process_block: ProcessBlock | None = None, *,
             on_input: OnInput | None = None, progress: Progress | None = None, start: int = 0,
-            after_block: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+            after_block: Callable[[int], None] | None = None, inline: bool = False,
+            replay: Callable[[nn.Module], AbstractContextManager] | None = None) -> list[torch.Tensor]:
         """Calibrate every block in order; returns the last block's outputs, one per batch.
 
         For block i: (a) with `on_input`, run the block on every batch with
@@ -367,6 +369,12 @@ class SequentialRunner:
         start: blocks before it are already processed (a resumed run): they only run (c),
         which gives block `start` the inputs an uninterrupted run gave it, bit for bit.
         after_block(i): called once block i is processed (e.g. to checkpoint the model).
+        inline: on_input changes each target as pass (a) reaches it (it quantizes the layer
+        on that input and makes this very call use the result), so the outputs of (a) are
+        the processed block's: process_block then only finishes the block (installs
+        modules) and (c) is skipped: one pass per block instead of two.
+        replay(block): a context the blocks before `start` run (c) under, so that a resumed
+        run reproduces the outputs an inline run computed (e.g. through its float path).
         """
         # By name, not the objects found at construction: an earlier run may have replaced blocks.
         blocks = [self.model.get_submodule(n) for n in self.block_names]
@@ -384,13 +392,14 @@ class SequentialRunner:
             for i, block in enumerate(blocks):
                 key, targets = self.keys[i], self.block_targets[i]
                 if i < start:   # processed before an interruption: only its outputs are needed
-                    with torch.no_grad():
+                    with torch.no_grad(), (replay(block) if replay is not None else nullcontext()):
                         for b in range(len(hidden)):
                             hidden[b] = _hidden_of(block, calls[b][key](block, hidden[b]))
                     continue
                 if on_input is not None:
                     # Without process_block these outputs are final; with it they are stale, so not kept.
-                    self._observe(block, key, targets, hidden, calls, on_input, keep=process_block is None)
+                    self._observe(block, key, targets, hidden, calls, on_input,
+                                  keep=process_block is None or inline)
                 if process_block is not None:
                     # process_block may check an edit on the block's real input (surgery.fold does)
                     self.sample_forward = _SampleForward(calls[0][key], hidden[0])
@@ -398,7 +407,7 @@ class SequentialRunner:
                     self.sample_forward = None
                     # process_block may have replaced the block itself (a Sequential's Linear "block").
                     block = self.model.get_submodule(self.block_names[i])
-                if process_block is not None or on_input is None:
+                if on_input is None or (process_block is not None and not inline):
                     with torch.no_grad():
                         for b in range(len(hidden)):  # replace in place: inputs freed as outputs arrive
                             hidden[b] = _hidden_of(block, calls[b][key](block, hidden[b]))

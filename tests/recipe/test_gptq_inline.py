@@ -1,0 +1,147 @@
+"""GPTQ in one pass per block (recipe/gptq_inline.py): each layer is solved on the inputs
+the block's earlier, already quantized layers give it, and the pass's outputs feed the
+next block."""
+import copy
+
+import pytest
+import torch
+
+from shrink import compress
+from shrink.algos import gptq
+from shrink.modules.quant_linear import QuantLinear
+from shrink.observe import HessianObserver
+from shrink.quant import QuantSpec, dequantize, quantize
+from shrink.recipe import gptq_inline
+from shrink.recipe.gptq_inline import float_replay, join_batches
+from tests_support import tiny_llama
+
+SPEC = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16, axis=0)
+STEP = [{"gptq": {"bits": 4, "group_size": 16}}]
+
+
+def _batches(n=4, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 64, (2, seq), generator=g) for _ in range(n)]
+
+
+def _codes(model, name):
+    return model.get_submodule(name).to_qtensor().int_codes()
+
+
+def _inputs(model, names, batch):
+    """What each named module receives when the model runs `batch`."""
+    got = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: got.setdefault(n, args[0].detach().clone())) for n in names]
+    with torch.no_grad():
+        model(batch, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return got
+
+
+def _hessian(x):
+    obs = HessianObserver(x.shape[-1])
+    obs.observe(x)
+    return obs.hessian()
+
+
+def test_each_layer_is_solved_on_the_quantized_layers_before_it():
+    model = tiny_llama(num_hidden_layers=2)
+    batches = _batches()
+    res = compress(model, STEP, calibration=batches, measure_speed=False)
+    assert res.steps[0].details["gptq_pass"].startswith("one pass per block: 4 calibration batches joined")
+    q = res.model
+    joined = torch.cat(batches)
+    a = "model.layers.0.self_attn."
+    # q/k/v: on the float block input, one Hessian, solved as one stacked weight
+    x = _inputs(model, [a + "q_proj"], joined)[a + "q_proj"]
+    w = torch.cat([model.get_submodule(a + p).weight.detach() for p in ("q_proj", "k_proj", "v_proj")])
+    ref = gptq(w, _hessian(x), SPEC).qtensor.int_codes()
+    got = torch.cat([_codes(q, a + p) for p in ("q_proj", "k_proj", "v_proj")])
+    assert torch.equal(got, ref)
+    # o_proj: on the attention output of the *quantized* q/k/v (not the float ones)
+    mixed = copy.deepcopy(model)
+    for p in ("q_proj", "k_proj", "v_proj"):
+        with torch.no_grad():
+            mixed.get_submodule(a + p).weight.copy_(q.get_submodule(a + p).dequantized_weight())
+    xo = _inputs(mixed, [a + "o_proj"], joined)[a + "o_proj"]
+    ref_o = gptq(model.get_submodule(a + "o_proj").weight.detach(), _hessian(xo), SPEC).qtensor.int_codes()
+    assert torch.equal(_codes(q, a + "o_proj"), ref_o)
+    x_float = _inputs(model, [a + "o_proj"], joined)[a + "o_proj"]
+    assert not torch.equal(xo, x_float)   # the test would prove nothing if the inputs were the same
+    # block 1 sees block 0's quantized output
+    mixed1 = copy.deepcopy(mixed)
+    with torch.no_grad():
+        for name, mod in q.named_modules():
+            if isinstance(mod, QuantLinear) and name.startswith("model.layers.0."):
+                mixed1.get_submodule(name).weight.copy_(mod.dequantized_weight())
+    b = "model.layers.1.mlp."
+    xg = _inputs(mixed1, [b + "gate_proj"], joined)[b + "gate_proj"]
+    wg = torch.cat([model.get_submodule(b + p).weight.detach() for p in ("gate_proj", "up_proj")])
+    got_g = torch.cat([_codes(q, b + p) for p in ("gate_proj", "up_proj")])
+    # block 1's gate/up share one solve (learnt in block 0) and sit on quantized inputs all the way
+    assert not torch.equal(xg, _inputs(model, [b + "gate_proj"], joined)[b + "gate_proj"])
+    mixed1b = copy.deepcopy(mixed1)
+    with torch.no_grad():
+        for name, mod in q.named_modules():
+            if isinstance(mod, QuantLinear) and name.startswith("model.layers.1.self_attn."):
+                mixed1b.get_submodule(name).weight.copy_(mod.dequantized_weight())
+    xg = _inputs(mixed1b, [b + "gate_proj"], joined)[b + "gate_proj"]
+    assert torch.equal(got_g, gptq(wg, _hessian(xg), SPEC).qtensor.int_codes())
+    notes = {l.name: l.note for l in res.steps[0].layers}
+    assert "solved with model.layers.1.mlp.up_proj" in notes[b + "gate_proj"]
+    assert "shares its input (and Hessian) with model.layers.0.mlp.gate_proj" in notes["model.layers.0.mlp.up_proj"]
+    assert all(l.error < l.error_rtn for l in res.steps[0].layers)
+
+
+def test_two_pass_when_turned_off_or_over_budget(monkeypatch):
+    model = tiny_llama(num_hidden_layers=2)
+    batches = _batches()
+    one = compress(model, STEP, calibration=batches, measure_speed=False)
+    monkeypatch.setenv("SHRINK_GPTQ_ONEPASS", "0")
+    two = compress(model, STEP, calibration=batches, measure_speed=False)
+    assert two.steps[0].details["gptq_pass"] == "two passes per block: SHRINK_GPTQ_ONEPASS=0"
+    # the first layers see the same float inputs either way; later ones differ
+    name = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(_codes(one.model, name), _codes(two.model, name))
+    assert not torch.equal(_codes(one.model, "model.layers.1.mlp.down_proj"),
+                           _codes(two.model, "model.layers.1.mlp.down_proj"))
+    monkeypatch.delenv("SHRINK_GPTQ_ONEPASS")
+    monkeypatch.setattr(gptq_inline, "ONE_PASS_BUDGET", 1000)
+    over = compress(model, STEP, calibration=batches, measure_speed=False)
+    assert "over the 9.31323e-07 GiB budget" in over.steps[0].details["gptq_pass"]
+    assert torch.equal(_codes(over.model, "model.layers.1.mlp.down_proj"),
+                       _codes(two.model, "model.layers.1.mlp.down_proj"))
+
+
+def test_join_batches_only_joins_what_has_one_shape():
+    t = [torch.ones(2, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)]
+    joined, why = join_batches(t, widest=8)
+    assert joined[0].shape == (5, 5) and why == "2 calibration batches joined into one"
+    d = [{"input_ids": x, "attention_mask": torch.ones_like(x), "use_cache": False} for x in t]
+    joined, _ = join_batches(d, widest=8)
+    assert joined[0]["input_ids"].shape == (5, 5) and joined[0]["use_cache"] is False
+    assert join_batches([torch.ones(1, 5, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 8)[0] is None
+    assert join_batches([{"a": torch.ones(1, 5)}, {"b": torch.ones(1, 5)}], 8)[0] is None
+    assert join_batches([torch.ones(1, 5), torch.ones(1, 5, dtype=torch.float64)], 8)[0] is None
+    # the budget is a fixed number of bytes (the same decision on every machine)
+    rows = 2**20
+    assert join_batches([torch.ones(rows, 1, dtype=torch.long)] * 2, widest=4096)[0] is None
+
+
+@pytest.mark.parametrize("spec", [SPEC, QuantSpec(bits=8, symmetric=True, granularity="channel", axis=0),
+                                  QuantSpec(bits=3, symmetric=True, granularity="group", group_size=32, axis=0)])
+def test_float_replay_is_the_forward_the_pass_used(spec):
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    qt = quantize(w, spec)
+    layer = QuantLinear.from_qtensor(qt, torch.randn(48))
+    x = torch.randn(5, 64)
+    block = torch.nn.Sequential(layer)
+    with float_replay(block):
+        y = block(x)
+    assert "forward" not in layer.__dict__   # restored
+    # the pass's own forward: F.linear on dequantize(qt) (gptq_inline.OnePassGPTQ._use)
+    assert torch.equal(layer.dequantized_weight(), dequantize(qt).float())
+    assert torch.equal(y, torch.nn.functional.linear(x, dequantize(qt).float(), layer.bias))
