@@ -12,8 +12,8 @@ shrink.formats.sparse) and the scales and zero-points of the dense grid. Persist
   mask_bits | col_indices + crow_indices | positions   the pattern
 
 Bytes (`nbytes`, no bias): packed kept codes + pattern + scales + zero-points. digits-cnn's
-conv2 (32 x 144, int8 per channel) at 50%: 2304 codes + 576 (bitmask) + 128 (fp32 scales)
-= 3008 bytes, against 4736 for the dense codes.
+conv2 (32 x 144, int8 per channel, asymmetric) at 50%: 2304 codes + 576 (bitmask) + 128 (an
+fp16 scale and zero-point a filter) = 3008 bytes, against 4736 for the dense codes.
 
 Forward is QuantConv2d's "reference" path: the dense weight is rebuilt from the kept codes
 (the zero code where pruned, then exactly +0.0 there) and run through F.conv2d, so the
