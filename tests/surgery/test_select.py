@@ -75,7 +75,8 @@ def test_minilm_patterns(minilm):
                          "encoder.layer.0.attention.self.value", "encoder.layer.0.attention.output.dense"]
     # a matched module of an unsupported type is reported, not dropped
     assert skipped(sel) == {"encoder.layer.0.attention.output.LayerNorm":
-                            "LayerNorm is not a supported type (supported: linear, conv1d, conv2d, sparse_linear, Embedding)"}
+                            "LayerNorm is not a supported type (supported: linear, conv1d, conv2d, sparse_linear, "
+                            "sparse_conv2d, Embedding)"}
     sel = select_modules(minilm, include=r"re:layer\.[0-2]\..*dense$", exclude="*.intermediate.*")
     assert len(sel.targets) == 6 and all(".intermediate." not in n for n in sel.names)
     sel = select_modules(minilm, include=re.compile(r"\.value$"))

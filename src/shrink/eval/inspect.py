@@ -132,6 +132,7 @@ class LayerRow:
 
 
 _PACKED = (QuantLinear, QuantConv2d, W8A8Linear)
+_SPARSE = ("sparse_linear", "sparse_conv2d")   # pruned SparseLinear / SparseConv2d: values + pattern, no .weight
 
 
 def _weight_of(module: nn.Module, kind: str) -> torch.Tensor:
@@ -139,6 +140,8 @@ def _weight_of(module: nn.Module, kind: str) -> torch.Tensor:
     if isinstance(module, _PACKED):
         w = module.dequantized_weight()
         return w.reshape(w.shape[0], -1).detach()
+    if kind in _SPARSE:
+        return module.dense_weight().detach()
     w = module.weight.detach()
     if kind == "conv1d":
         return w.t()
@@ -171,7 +174,8 @@ def layer_rows(model: nn.Module, *, sqnr: bool = True) -> list[LayerRow]:
         kind = "quantized" if packed else kind_of(module)
         if kind is None:
             continue
-        tensors = [t for t in (getattr(module, "weight", None), getattr(module, "bias", None))
+        stored = getattr(module, "weight", getattr(module, "values", None))   # a sparse layer keeps `values`
+        tensors = [t for t in (stored, getattr(module, "bias", None))
                    if isinstance(t, torch.Tensor)] if not packed else \
                   ([module.bias] if module.bias is not None else [])
         shared = next((counted[t.data_ptr()] for t in tensors if t.data_ptr() in counted), None)
@@ -185,6 +189,11 @@ def layer_rows(model: nn.Module, *, sqnr: bool = True) -> list[LayerRow]:
             nbytes = wbytes + sum(t.numel() * t.element_size() for t in own)
             if id(module) in scaled:
                 note += "; input scaled by a per-channel vector (AWQ/SmoothQuant)"
+        elif kind in _SPARSE:   # as model_params / model_nbytes count it: the kept values, pattern and bias
+            shape, dtype = (module.out_features, module.in_features), str(module.values.dtype).removeprefix("torch.")
+            fmt, note = f"{dtype} {module.layout}", skipped.get(name, "")
+            params = module.nnz + sum(t.numel() for t in own if t is not module.values)
+            nbytes = module.nbytes
         else:
             w = module.weight
             shape, dtype = tuple(w.shape), str(w.dtype).removeprefix("torch.")

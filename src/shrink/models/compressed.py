@@ -11,7 +11,8 @@ DIR/
                       or SparseConv2d its layout, nnz, n:m and dtype; a LowRankLinear its rank,
                       its factors listed again where a later step quantized them; a LoRALinear its
                       rank, alpha, base kind and whether it ran merged, a QuantLinear base listed
-                      again; a SparseQuantLinear also its layout, nnz and n:m), recipe, metrics;
+                      again; a SparseQuantLinear or SparseQuantConv2d also its layout, nnz and
+                      n:m), recipe, metrics;
                       an early-exit model (EarlyExitModel around a built-in Sequential) its
                       exits, threshold and heads under "early_exit"
 """
@@ -30,7 +31,7 @@ from torch import nn
 from shrink.fsutil import replace_dir
 from shrink.models.checks import check_compressed_layout, check_finite_state, check_manifest, one_line
 from shrink.modules import (EarlyExitModel, InputScaled, LoRALinear, LowRankLinear, QuantConv2d, QuantLinear,
-                            SparseConv2d, SparseLinear, SparseQuantLinear, W8A8Linear)
+                            SparseConv2d, SparseLinear, SparseQuantConv2d, SparseQuantLinear, W8A8Linear)
 from shrink.quant import QuantSpec
 from shrink.surgery import replace_module
 
@@ -81,6 +82,9 @@ def compressed_modules(model: nn.Module) -> dict[str, dict]:
                          "dilation": list(mod.dilation), "groups": mod.groups, "padding_mode": mod.padding_mode,
                          "bias": mod.bias is not None, "spec": spec_to_dict(mod.spec),
                          "weight_dtype": str(mod.weight_dtype).removeprefix("torch.")}
+            if isinstance(mod, SparseQuantConv2d):   # the kept weights' codes + the pattern
+                out[name].update({"type": "SparseQuantConv2d", "layout": mod.layout, "nnz": mod.nnz, "n": mod.n,
+                                  "m": mod.m})
             continue
         if isinstance(mod, (SparseLinear, SparseConv2d)):
             out[name] = _sparse_entry(mod)
@@ -203,7 +207,7 @@ def load_compressed(directory: str | Path, build_builtin=None, _meta: bool = Fal
             replace_module(model, name, W8A8Linear(int(m["in_features"]), int(m["out_features"]),
                                                    bias=bool(m["bias"]), smoothed=bool(m["smoothed"])))
             continue
-        if m.get("type") == "QuantConv2d":
+        if m.get("type") in ("QuantConv2d", "SparseQuantConv2d"):
             replace_module(model, name, _conv_shell(m, f"{where}: module {name}"))
             continue
         if m.get("type") in ("SparseLinear", "SparseConv2d"):
@@ -274,15 +278,21 @@ def _layout_model(directory: Path, manifest: dict, build_builtin) -> nn.Module:
 
 
 def _conv_shell(m: dict, where: str) -> QuantConv2d:
-    """An empty QuantConv2d with the geometry and spec of a manifest entry, for load_state_dict to fill."""
+    """An empty QuantConv2d (or SparseQuantConv2d: also its layout, nnz, n:m) with the geometry
+    and spec of a manifest entry, for load_state_dict to fill."""
     try:
-        return QuantConv2d(int(m["in_channels"]), int(m["out_channels"]), _geometry(m["kernel_size"]),
-                           spec_from_dict(m["spec"], where), stride=_geometry(m["stride"]),
-                           padding=_geometry(m["padding"]), dilation=_geometry(m["dilation"]),
-                           groups=int(m["groups"]), bias=bool(m["bias"]), padding_mode=m["padding_mode"],
-                           weight_dtype=_DTYPES[m.get("weight_dtype", "float32")])
+        dims = (int(m["in_channels"]), int(m["out_channels"]), _geometry(m["kernel_size"]),
+                spec_from_dict(m["spec"], where))
+        kw = dict(stride=_geometry(m["stride"]), padding=_geometry(m["padding"]), dilation=_geometry(m["dilation"]),
+                  groups=int(m["groups"]), bias=bool(m["bias"]), padding_mode=m["padding_mode"],
+                  weight_dtype=_DTYPES[m.get("weight_dtype", "float32")])
+        if m["type"] == "SparseQuantConv2d":
+            return SparseQuantConv2d(*dims, m["layout"], int(m["nnz"]), n=m.get("n"), m=m.get("m"), **kw)
+        return QuantConv2d(*dims, **kw)
     except KeyError as e:
-        raise ValueError(f"{where}: QuantConv2d entry lacks {e} (or names an unknown dtype)") from None
+        raise ValueError(f"{where}: {m['type']} entry lacks {e} (or names an unknown dtype)") from None
+    except ValueError as e:   # the constructors' messages name the class and what is wrong
+        raise ValueError(f"{where}: bad {m['type']} entry ({one_line(e)})") from None
 
 
 def _lowrank_shell(m: dict, where: str) -> LowRankLinear:

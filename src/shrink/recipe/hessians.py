@@ -14,6 +14,7 @@ layer's QTensor.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from shrink.algos import gptq
 from shrink.observe import GramCache, HessianObserver
@@ -27,7 +28,7 @@ class HessianCollector:
     matrix per row group (a list of one for a Linear or an ungrouped conv)."""
 
     def __init__(self, targets: list[Target]):
-        self._convs = {t.name: t.module for t in targets if t.kind == "conv2d"}
+        self._convs = {t.name: _geometry(t.module) for t in targets if t.kind in ("conv2d", "sparse_conv2d")}
         self.observers: dict[str, list[HessianObserver]] = {}
         self._cache = GramCache()  # q/k/v (gate/up) see one input tensor: one X^T X for them all
 
@@ -49,6 +50,16 @@ class HessianCollector:
 
     def pop(self, name: str) -> None:
         self.observers.pop(name, None)
+
+
+def _geometry(mod: nn.Module) -> nn.Conv2d:
+    """The nn.Conv2d whose patches the layer reads: the layer itself, or for a pruned
+    SparseConv2d a weightless (meta) nn.Conv2d of its geometry (conv_patches reads only that)."""
+    if isinstance(mod, nn.Conv2d):
+        return mod
+    return nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride, padding=mod.padding,
+                     dilation=mod.dilation, groups=mod.groups, bias=False, padding_mode=mod.padding_mode,
+                     device="meta")
 
 
 def row_parts(out_features: int, n: int) -> list[slice]:

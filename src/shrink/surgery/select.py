@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-SUPPORTED_TYPES = ("linear", "conv1d", "conv2d", "sparse_linear")
+SUPPORTED_TYPES = ("linear", "conv1d", "conv2d", "sparse_linear", "sparse_conv2d")
 # Layers already quantized (QuantLinear, QuantConv2d): selected only when asked for by type
 # (a QAT step refines an earlier PTQ step's result); their weight_view() is the dequantized copy.
 QUANTIZED_TYPES = ("quant_linear", "quant_conv2d")
@@ -38,7 +38,9 @@ class Target:
 
     kind: "linear" (nn.Linear), "conv1d" (transformers' Conv1D: a linear layer
     that stores its weight as [in, out]), "conv2d" (nn.Conv2d; in_features is
-    in_channels/groups * kh * kw) or "embedding" (rows are tokens).
+    in_channels/groups * kh * kw), "sparse_linear" / "sparse_conv2d" (a pruned
+    SparseLinear / SparseConv2d: weight_view() is its dense copy) or "embedding"
+    (rows are tokens).
     aliases: other qualified names under which the same module, or a module
     holding the same weight Parameter (tied weights), is reachable.
     """
@@ -55,7 +57,7 @@ class Target:
 
         In-place edits of the view (under torch.no_grad()) change the module.
         """
-        if self.kind == "sparse_linear":  # a pruned layer: its dense equivalent (a copy, not a view)
+        if self.kind in ("sparse_linear", "sparse_conv2d"):  # a pruned layer: its dense equivalent (a copy)
             return self.module.dense_weight()
         if self.kind in QUANTIZED_TYPES:  # a quantized layer: its dequantized weight (a copy)
             return self.module.dequantized_weight().reshape(self.out_features, self.in_features)
@@ -73,7 +75,7 @@ class Target:
                 f"{self.name}: new weight has shape {tuple(w.shape)}, "
                 f"expected [out, in] = [{self.out_features}, {self.in_features}]"
             )
-        if self.kind in ("sparse_linear",) + QUANTIZED_TYPES:
+        if self.kind in ("sparse_linear", "sparse_conv2d") + QUANTIZED_TYPES:
             raise ValueError(f"{self.name}: a {self.kind} layer's weight is stored compressed; replace the module "
                              "instead")
         with torch.no_grad():
@@ -109,6 +111,8 @@ def kind_of(module: nn.Module) -> str | None:
         return "embedding"
     if type(module).__name__ == "SparseLinear" and callable(getattr(module, "dense_weight", None)):
         return "sparse_linear"
+    if type(module).__name__ == "SparseConv2d" and callable(getattr(module, "dense_weight", None)):
+        return "sparse_conv2d"
     # transformers' Conv1D, recognised by shape rather than imported: transformers
     # is an optional dependency and importing it costs seconds.
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and _is_param(module, "weight"):
@@ -123,7 +127,7 @@ def quantized_kind_of(module: nn.Module) -> str | None:
     if not callable(getattr(module, "dequantized_weight", None)) or not hasattr(module, "spec"):
         return None
     return {"QuantLinear": "quant_linear", "SparseQuantLinear": "quant_linear",
-            "QuantConv2d": "quant_conv2d"}.get(type(module).__name__)
+            "QuantConv2d": "quant_conv2d", "SparseQuantConv2d": "quant_conv2d"}.get(type(module).__name__)
 
 
 def _is_param(module: nn.Module, attr: str) -> bool:
@@ -131,7 +135,7 @@ def _is_param(module: nn.Module, attr: str) -> bool:
 
 
 def _dims(module: nn.Module, kind: str) -> tuple[int, int]:
-    if kind == "sparse_linear" or kind in QUANTIZED_TYPES:
+    if kind in ("sparse_linear", "sparse_conv2d") or kind in QUANTIZED_TYPES:
         return int(module.out_features), int(module.in_features)
     w = module.weight
     if kind == "conv1d":
@@ -199,7 +203,7 @@ def select_modules(
     """Pick the modules to compress, in model order.
 
     types: kinds to take, among "linear", "conv1d" (transformers' Conv1D),
-        "conv2d", "sparse_linear", and the already quantized "quant_linear",
+        "conv2d", "sparse_linear", "sparse_conv2d", and the already quantized "quant_linear",
         "quant_conv2d" (only when named here). Embeddings are taken with
         include_embeddings=True instead.
     include / exclude: patterns on the qualified name (e.g. "model.layers.0.mlp.up_proj").
