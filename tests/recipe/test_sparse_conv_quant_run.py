@@ -6,6 +6,7 @@ conv path (Hessians over the patches, masked) take the same route; steps that ca
 conv (awq) say so."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -44,8 +45,7 @@ def runs(digits):
 
 def _dense_codes(model: nn.Module) -> nn.Module:
     """The same codes stored dense: every sparse quantized layer as its QuantConv2d / QuantLinear."""
-    out = shrink.load("digits-cnn")
-    out.load_state_dict(model.state_dict(), strict=False)   # BatchNorm etc.
+    out = copy.deepcopy(model)   # BatchNorm, and any layer already dense, as they are   # BatchNorm etc.
     for name, mod in model.named_modules():
         if isinstance(mod, SparseQuantConv2d):
             replace_module(out, name, QuantConv2d.from_qtensor(
