@@ -1,6 +1,6 @@
 """GPTQ W4 g128 on the 374M Llama of issue 9: shrink against llm-compressor.
 
-    .venv/bin/python bench/bench_peers_gptq.py [--with-llmc] [--profile] [--device cuda]
+    .venv/bin/python bench/bench_peers_gptq.py [--with-llmc] [--profile] [--device cuda] [--gptq KEY=VALUE ...]
         [--propagate kernel|fp32]
 
 --device cuda runs shrink's GPTQ with the model on a GPU (no peer there).
@@ -134,6 +134,10 @@ _FUNCS = {
     "quantize": ("quant/ops.py", "quantize"),
     "dequantize": ("quant/ops.py", "dequantize"),
     "rtn_outside": ("recipe/run.py", "_rtn_outside_blocks"),
+    "onepass_hook": ("recipe/gptq_inline.py", "__call__"),
+    "onepass_install": ("recipe/gptq_inline.py", "process_block"),
+    "hessian_error_any": ("recipe/hessians.py", "hessian_error"),
+    "split_rows": ("recipe/hessians.py", "split_rows"),
 }
 
 
@@ -180,6 +184,13 @@ def breakdown(stats: pstats.Stats) -> dict:
         "    of which from_qtensor (kernel repack)": s["from_qtensor"],
         "    of which _sqnr": s["sqnr"],
         "RTN outside the blocks": s["rtn_outside"],
+        "one pass (true_sequential): block pass incl. hooks": s["observe_pass"],
+        "  layer hooks (Hessian, solve, records)": s["onepass_hook"],
+        "    of which Hessian accumulation": s["hessian_observe"],
+        "    of which gptq() solve": s["gptq_solve"],
+        "    of which hessian_error (records, 2 per layer)": s["hessian_error_any"],
+        "    of which split_rows (a jointly solved QTensor per layer)": s["split_rows"],
+        "  block end: install QuantLinear + records": s["onepass_install"],
         "calls": {k: v[1] for k, v in c.items()},
     }
 
@@ -187,7 +198,7 @@ def breakdown(stats: pstats.Stats) -> dict:
 # ---------------------------------------------------------------- runs
 
 def run_shrink(path: Path, calib: torch.Tensor, heldout: torch.Tensor, ref, profile: bool,
-               device: str = "cpu", propagate: str = "kernel") -> dict:
+               device: str = "cpu", propagate: str = "kernel", recipe="w4-gptq") -> dict:
     import shrink
     from shrink.modules.quant_linear import QuantLinear
 
@@ -201,7 +212,7 @@ def run_shrink(path: Path, calib: torch.Tensor, heldout: torch.Tensor, ref, prof
     t0 = time.perf_counter()
     if prof:
         prof.enable()
-    result = shrink.compress(model, "w4-gptq", calibration=batches, measure_speed=False)
+    result = shrink.compress(model, recipe, calibration=batches, measure_speed=False)
     if prof:
         prof.disable()
     if device != "cpu":
@@ -220,7 +231,7 @@ def run_shrink(path: Path, calib: torch.Tensor, heldout: torch.Tensor, ref, prof
            "bytes": result.metrics["compressed"]["size_bytes"], "float_bytes": result.metrics["baseline"]["size_bytes"],
            "layers": sum(len(s.layers) for s in result.steps), "kernels": kernels,
            "loadavg_before": load1, "loadavg_after": load2, "profiled": profile, "device": device,
-           "propagate": propagate}
+           "propagate": propagate, "recipe": recipe}
     if prof:
         out["breakdown"] = breakdown(pstats.Stats(prof))
     return out
@@ -255,7 +266,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where shrink's model runs (cpu, cuda)")
     ap.add_argument("--propagate", choices=("kernel", "fp32"), nargs="+", default=["kernel"],
                     help="how quantized layers run while later blocks calibrate (several: one run each)")
+    ap.add_argument("--gptq", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="gptq step options over w4-gptq's, e.g. static_groups=true true_sequential=true")
     args = ap.parse_args()
+    import yaml
+    opts = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.gptq)}
+    recipe = [{"gptq": opts}] if opts else "w4-gptq"
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -276,9 +292,9 @@ def main() -> None:
     rows = []
     if not args.skip_shrink:
         for how in args.propagate:
-            r = run_shrink(path, toks["calibration"], toks["heldout"], ref, args.profile, args.device, how)
+            r = run_shrink(path, toks["calibration"], toks["heldout"], ref, args.profile, args.device, how, recipe)
             rows.append(r)
-            print(f"shrink ({args.device}, propagate {how}): {r['seconds']:.1f} s, KL {r['kl']:.5f} "
+            print(f"shrink {recipe} ({args.device}, propagate {how}): {r['seconds']:.1f} s, KL {r['kl']:.5f} "
                   f"(fp32 dequantized {r['kl_fp32_dequantized']:.5f}), {r['bytes']} bytes, kernels {r['kernels']}, "
                   f"load {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}", flush=True)
             if "breakdown" in r:

@@ -23,6 +23,11 @@ EXTRA = {
     "w3-rtn": [{"rtn": {"bits": 3}}],
     "w2-rtn-g64": [{"rtn": {"bits": 2, "group_size": 64}}],
     "w2-gptq-g64": [{"gptq": {"bits": 2, "group_size": 64}}],
+    "w4-gptq-static": [{"gptq": {"static_groups": True}}],
+    "w4-gptq-seq": [{"gptq": {"true_sequential": True}}],
+    "w4-gptq-seq-static": [{"gptq": {"true_sequential": True, "static_groups": True}}],
+    "w3-gptq-static": [{"gptq": {"bits": 3, "static_groups": True}}],
+    "w3-gptq-seq-static": [{"gptq": {"bits": 3, "true_sequential": True, "static_groups": True}}],
 }
 
 

@@ -63,13 +63,8 @@ def test_gptq_beats_rtn_on_every_layer_and_solves_qkv_together(minilm):
     assert len(layers) == 12
     ratios = [l.error / l.error_rtn for l in layers]
     assert max(ratios) < 1.0, ratios  # GPTQ's layer output error below RTN's, every layer
-    # One pass per block: layer 0 learns that query/key/value share an input (one Hessian),
-    # layer 1 then solves the three as one GPTQ problem.
-    assert "one pass per block" in res.steps[0].details["gptq_pass"]
-    q0, q1 = (l for l in layers if l.name.endswith("attention.self.query"))
-    k0 = next(l for l in layers if l.name.endswith("0.attention.self.key"))
-    assert "shares its input (and Hessian) with encoder.layer.0.attention.self.query" in k0.note
-    assert "solved with" in q1.note and "1.attention.self.key" in q1.note and "1.attention.self.value" in q1.note
+    q = next(l for l in layers if l.name.endswith("attention.self.query"))
+    assert "solved with" in q.note and "key" in q.note and "value" in q.note
     assert all(l.kernel == "int4pack_cpu" for l in layers)
     assert res.metrics["compressed"]["quality"]["value"] > 0.98
 

@@ -16,7 +16,7 @@ from shrink.recipe.gptq_inline import float_replay, join_batches
 from tests_support import tiny_llama
 
 SPEC = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16, axis=0)
-STEP = [{"gptq": {"bits": 4, "group_size": 16}}]
+STEP = [{"gptq": {"bits": 4, "group_size": 16, "true_sequential": True}}]
 
 
 def _batches(n=4, seq=12, seed=0):

@@ -20,7 +20,7 @@ Streamed peak, each term from the config:
 + activations        calibrated steps: the hidden states of every calibration token (fp32,
                      replaced in place block by block) + one batch inside the block (q, k, v,
                      MLP, attention scores); all the calibration rows at once where GPTQ runs
-                     in one pass (one_pass_bytes within ONE_PASS_BUDGET)
+                     in one pass (true_sequential, one_pass_bytes within ONE_PASS_BUDGET)
 + writer             the tensors waiting for their shard: max(shard size, largest tensor)
 
 In-memory peak (recipe/memory.py's rule): the model + its working copy + the same
@@ -60,6 +60,7 @@ class JobShape:
     weight_bytes: int = 4         # bytes per stored weight (fp32 4, bf16/fp16 2)
     shard_bytes: int = SHARD_BYTES
     label: str = "w4-gptq"
+    one_pass: bool = False        # gptq true_sequential: all calibration rows inside a block at once
 
 
 def job_memory(arch: Arch, job: JobShape = JobShape(), d: dict | None = None) -> dict:
@@ -90,7 +91,7 @@ def job_memory(arch: Arch, job: JobShape = JobShape(), d: dict | None = None) ->
     quant = 3 * 8 * group
     if job.calibrated:
         widest_io = max(max(s.in_features, s.out_features) for s in per_layer)
-        if one_pass_bytes(tokens, widest_io) <= ONE_PASS_BUDGET:
+        if job.one_pass and one_pass_bytes(tokens, widest_io) <= ONE_PASS_BUDGET:
             tb = tokens   # GPTQ in one pass: every calibration row inside the block at once
         act = (tokens * d_model * 4 + tokens * arch.head_dim * 4 * 2
                + tb * (q_out + 2 * kv_out + 3 * d_model + 3 * inter) * 4

@@ -215,7 +215,8 @@ class OnePassGPTQ:
         h = self.last_h
         w = torch.cat([m.weight_view().detach().float() for m in group])
         s = self.step
-        res = gptq(w, h, self.spec, block_size=s.block_size, damp=s.damp, act_order=s.act_order, observer=s.observer)
+        res = gptq(w, h, self.spec, block_size=s.block_size, damp=s.damp, act_order=s.act_order,
+                   static_groups=s.static_groups, observer=s.observer)
         per = (time.perf_counter() - t0) / len(group)
         row = 0
         for m in group:
@@ -274,7 +275,10 @@ def run_one_pass(model: nn.Module, step, targets: list, batches: list, rec, repo
 
     from .resume import block_hooks
 
+    if not step.true_sequential or not targets:   # none left: a resumed run past its last block
+        return None
     if not eligible(targets):
+        rec.details["gptq_pass"] = "two passes per block: true_sequential takes plain Linear / Conv1D layers only"
         return None
     joined, why = join_batches(batches, max(max(t.in_features, t.out_features) for t in targets))
     if joined is None:

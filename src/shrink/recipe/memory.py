@@ -107,6 +107,7 @@ def predict_from_config(model_dir, steps: list, samples: int = 64, seq_len: int 
     spec = step.spec() if hasattr(step, "spec") else QuantSpec(bits=8, granularity="channel", axis=0)
     job = JobShape(spec=spec, calibrated=isinstance(step, GPTQ), samples=samples, seq_len=seq_len,
                    weight_bytes=2 if dtype in ("bfloat16", "float16") else 4,
+                   one_pass=bool(getattr(step, "true_sequential", False)),
                    label=" + ".join(next(iter(step_to_dict(s))) for s in steps))
     d: dict = {}
     out = job_memory(from_hf_config(Path(model_dir)), job, d)

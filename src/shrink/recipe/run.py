@@ -216,7 +216,7 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report, sc=None)
                 t.out_features, t.in_features, dtype=torch.bool, device=w.device) for t in group]) \
                 if any(p is not None for p in pats.values()) else None
             res = gptq(w, h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order,
-                       observer=step.observer, mask=mask)
+                       static_groups=step.static_groups, observer=step.observer, mask=mask)
             per = (time.perf_counter() - t0) / len(group)
             row = 0
             for t in group:
@@ -245,7 +245,8 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report, sc=None)
                 hs = coll.hessians(t.name)
                 w = t.weight_view().detach().float()
                 qt, parts = gptq_row_groups(w, hs, spec, block_size=step.block_size, damp=step.damp,
-                                            act_order=step.act_order, observer=step.observer)
+                                            act_order=step.act_order, static_groups=step.static_groups,
+                                            observer=step.observer)
                 err = hessian_error(w, dequantize(qt).float(), hs)
                 err_rtn = hessian_error(w, dequantize(quantize(w, spec)).float(), hs)
                 note = (f"groups={len(hs)}: one Hessian per filter group (over "

@@ -67,6 +67,12 @@ class GPTQ:
     damp: float = 0.01
     block_size: int = 128
     observer: str = "minmax"
+    # Group scales from the original weight, fixed up front (as llm-compressor and AutoGPTQ's
+    # static_groups do), instead of from the updated columns as each group is reached.
+    static_groups: bool = False
+    # One forward pass per block, each layer solved on its quantized predecessors' outputs
+    # (recipe/gptq_inline.py), instead of a float pass for the Hessians and a second to propagate.
+    true_sequential: bool = False
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
 
