@@ -20,7 +20,7 @@ import torch
 import shrink
 from shrink.models.compressed import save_compressed
 from shrink.models.digits import accuracy, digits_data
-from shrink.modules import QuantConv2d, QuantLinear, SparseQuantConv2d, SparseQuantLinear
+from shrink.modules import SparseQuantConv2d, SparseQuantLinear
 from shrink.recipe import compress
 from shrink.recipe.records import model_nbytes
 from shrink.surgery import replace_module
@@ -43,12 +43,8 @@ def dense_codes(model: torch.nn.Module) -> torch.nn.Module:
     """The same codes stored dense (zero codes where pruned)."""
     out = copy.deepcopy(model)   # every other layer as it is
     for name, mod in model.named_modules():
-        if isinstance(mod, SparseQuantConv2d):
-            replace_module(out, name, QuantConv2d.from_qtensor(
-                mod.to_qtensor(), mod.bias.detach(), in_channels=mod.in_channels, kernel_size=mod.kernel_size,
-                stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups))
-        elif isinstance(mod, SparseQuantLinear):
-            replace_module(out, name, QuantLinear.from_qtensor(mod.to_qtensor(), mod.bias.detach()))
+        if isinstance(mod, (SparseQuantConv2d, SparseQuantLinear)):
+            replace_module(out, name, mod.dense_codes())
     return out.eval()
 
 

@@ -128,6 +128,11 @@ def test_join_batches_only_joins_what_has_one_shape():
     # the budget is a fixed number of bytes (the same decision on every machine)
     rows = 2**20
     assert join_batches([torch.ones(rows, 1, dtype=torch.long)] * 2, widest=4096)[0] is None
+    one, why = join_batches([torch.ones(2 * rows, 1, dtype=torch.long)], widest=4096)   # one batch: the same budget
+    assert one is None and "over the 2 GiB budget" in why
+    single = torch.ones(4, 5, dtype=torch.long)
+    one, why = join_batches([single], widest=8)
+    assert one[0] is single and why == "one calibration batch"
 
 
 @pytest.mark.parametrize("spec", [SPEC, QuantSpec(bits=8, symmetric=True, granularity="channel", axis=0),

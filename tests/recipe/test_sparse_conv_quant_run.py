@@ -17,7 +17,7 @@ import shrink
 from shrink.eval.inspect import layer_rows
 from shrink.models.compressed import load_compressed, save_compressed
 from shrink.models.digits import accuracy, digits_data
-from shrink.modules import QuantConv2d, QuantLinear, SparseConv2d, SparseQuantConv2d, SparseQuantLinear
+from shrink.modules import QuantConv2d, SparseConv2d, SparseQuantConv2d, SparseQuantLinear
 from shrink.recipe import compress
 from shrink.recipe.hessians import HessianCollector
 from shrink.surgery import kind_of, replace_module, select_modules
@@ -45,14 +45,10 @@ def runs(digits):
 
 def _dense_codes(model: nn.Module) -> nn.Module:
     """The same codes stored dense: every sparse quantized layer as its QuantConv2d / QuantLinear."""
-    out = copy.deepcopy(model)   # BatchNorm, and any layer already dense, as they are   # BatchNorm etc.
+    out = copy.deepcopy(model)   # BatchNorm, and any layer already dense, as they are
     for name, mod in model.named_modules():
-        if isinstance(mod, SparseQuantConv2d):
-            replace_module(out, name, QuantConv2d.from_qtensor(
-                mod.to_qtensor(), mod.bias.detach(), in_channels=mod.in_channels, kernel_size=mod.kernel_size,
-                stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups))
-        elif isinstance(mod, SparseQuantLinear):
-            replace_module(out, name, QuantLinear.from_qtensor(mod.to_qtensor(), mod.bias.detach()))
+        if isinstance(mod, (SparseQuantConv2d, SparseQuantLinear)):
+            replace_module(out, name, mod.dense_codes())
     return out.eval()
 
 

@@ -9,7 +9,7 @@ import torch
 
 from shrink.export.dense import carried_layers, plain_copy
 from shrink.models.compressed import load_compressed, save_compressed
-from shrink.modules import QuantLinear, SparseLinear, SparseQuantLinear
+from shrink.modules import SparseLinear, SparseQuantLinear
 from shrink.recipe import compress
 from shrink.recipe.records import model_nbytes
 from shrink.surgery import replace_module
@@ -74,7 +74,7 @@ def test_outputs_equal_the_dense_codes_model(runs, llama):
     codes = __import__("copy").deepcopy(res.model)
     for name, mod in list(codes.named_modules()):
         if isinstance(mod, SparseQuantLinear):   # the same codes stored dense, zero codes where pruned
-            replace_module(codes, name, QuantLinear.from_qtensor(mod.to_qtensor(), mod.bias))
+            replace_module(codes, name, mod.dense_codes())
     assert not any(isinstance(m, SparseQuantLinear) for m in codes.modules())
     out = _logits(res.model, held)
     assert torch.equal(out, _logits(codes, held))

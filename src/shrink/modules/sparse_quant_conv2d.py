@@ -104,3 +104,10 @@ class SparseQuantConv2d(SparseCodes, QuantConv2d):
         mod._set_pattern(pattern)
         mod._setup(qt.spec, qt.dtype, kept, clone(cpu.scale), clone(cpu.zero_point), bias, cache_weight)
         return mod
+
+    def dense_codes(self) -> QuantConv2d:
+        """The same codes stored dense (the zero code where pruned), as a QuantConv2d: forward equal."""
+        return QuantConv2d.from_qtensor(
+            self.to_qtensor(), None if self.bias is None else self.bias.detach(), in_channels=self.in_channels,
+            kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
+            groups=self.groups, padding_mode=self.padding_mode)

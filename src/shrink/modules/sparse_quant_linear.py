@@ -86,3 +86,7 @@ class SparseQuantLinear(SparseCodes, QuantLinear):
         mod._setup(shape[1], shape[0], qt.spec, qt.dtype, kept, clone(cpu.scale), clone(cpu.zero_point),
                    bias, kernel, cache_weight)
         return mod
+
+    def dense_codes(self) -> QuantLinear:
+        """The same codes stored dense (the zero code where pruned), as a QuantLinear: forward equal."""
+        return QuantLinear.from_qtensor(self.to_qtensor(), None if self.bias is None else self.bias.detach())

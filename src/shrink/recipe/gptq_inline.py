@@ -35,13 +35,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from shrink.algos import gptq, rtn
+from shrink.algos import rtn
 from shrink.modules.quant_linear import QuantLinear
 from shrink.observe import HessianObserver
 from shrink.plan.jobmem import ONE_PASS_BUDGET, one_pass_bytes
-from shrink.quant import QTensor, QuantSpec, dequantize, quantize
+from shrink.quant import QTensor, QuantSpec, dequantize
 
-from .hessians import hessian_error, split_rows
+from .hessians import gptq_shared
 from .install import fmt as _fmt, install as _install, sparse_pattern
 
 ENV = "SHRINK_GPTQ_ONEPASS"
@@ -99,16 +99,16 @@ def join_batches(batches: list, widest: int) -> tuple[list | None, str]:
     mode = os.environ.get(ENV, "").strip()
     if mode == "0":
         return None, f"{ENV}=0"
-    if len(batches) == 1:
-        return list(batches), "one calibration batch"
     rows = [_rows(b) for b in batches]
     if any(r is None for r in rows):
         return None, "calibration batches of a kind whose size cannot be told"
     need = one_pass_bytes(sum(rows), widest)
     if mode != "1" and need > ONE_PASS_BUDGET:
-        return None, (f"joining the {len(batches)} calibration batches ({sum(rows):,} rows) would need ~"
+        return None, (f"one pass over the {sum(rows):,} calibration rows ({len(batches)} batches) would need ~"
                       f"{need / 2**30:.2f} GiB of activations, over the {ONE_PASS_BUDGET / 2**30:g} GiB "
                       f"budget ({ENV}=1 lifts it)")
+    if len(batches) == 1:
+        return list(batches), "one calibration batch"
     joined = _cat(list(batches))
     if joined is None:
         return None, "calibration batches of different shapes cannot be joined"
@@ -212,19 +212,9 @@ class OnePassGPTQ:
             obs = HessianObserver(t.in_features)
             obs.observe(x)
             self.last_h = obs.hessian()
-        h = self.last_h
-        w = torch.cat([m.weight_view().detach().float() for m in group])
-        s = self.step
-        res = gptq(w, h, self.spec, block_size=s.block_size, damp=s.damp, act_order=s.act_order,
-                   static_groups=s.static_groups, observer=s.observer)
+        res, solved = gptq_shared(group, self.last_h, self.spec, self.step)
         per = (time.perf_counter() - t0) / len(group)
-        row = 0
-        for m in group:
-            qt = split_rows(res.qtensor, row, row + m.out_features, self.spec)
-            row += m.out_features
-            wm = m.weight_view().detach().float()
-            err = hessian_error(wm, dequantize(qt).float(), [h])
-            err_rtn = hessian_error(wm, dequantize(quantize(wm, self.spec)).float(), [h])
+        for m, qt, err, err_rtn in solved:
             note = "one pass: solved on the inputs the block's earlier quantized layers give it"
             if len(group) > 1:
                 note += "; shares its input: solved with " + ", ".join(o.name for o in group if o is not m)

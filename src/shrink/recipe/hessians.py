@@ -111,3 +111,20 @@ def split_rows(qt: QTensor, start: int, stop: int, spec: QuantSpec) -> QTensor:
     if not torch.equal(part.int_codes(), qt.int_codes()[start:stop]):  # the grid is the same: exact
         raise RuntimeError("splitting a jointly solved weight changed its codes")
     return part
+
+
+def gptq_shared(group: list[Target], h: torch.Tensor, spec: QuantSpec, step, mask: torch.Tensor | None = None):
+    """GPTQ of the layers of `group` (one input, so one Hessian h) as one stacked weight:
+    (result, [(target, its QTensor, error, error of RTN)] in group order). step: the recipe's
+    GPTQ step (its options); mask: the stacked weights' kept entries (masked GPTQ)."""
+    w = torch.cat([t.weight_view().detach().float() for t in group])
+    res = gptq(w, h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order,
+               static_groups=step.static_groups, observer=step.observer, mask=mask)
+    out, row = [], 0
+    for t in group:
+        qt = split_rows(res.qtensor, row, row + t.out_features, spec)
+        row += t.out_features
+        wt = t.weight_view().detach().float()
+        out.append((t, qt, hessian_error(wt, dequantize(qt).float(), [h]),
+                    hessian_error(wt, dequantize(quantize(wt, spec)).float(), [h])))
+    return res, out

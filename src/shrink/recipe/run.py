@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from shrink.algos import gptq, kmeans, rtn
+from shrink.algos import kmeans, rtn
 from shrink.algos.awq import awq
 from shrink.algos.mixed import Sensitivity, allocate_bits, layer_sensitivity
 from shrink.algos.smoothquant import smoothquant_scales
@@ -29,7 +29,7 @@ from .figures import run_figures
 from .install import as_linear as _as_linear, fmt as _fmt, install as _install, sqnr as _sqnr
 from .install import sparse_pattern as _sparse_pattern
 from .gptq_inline import run_one_pass
-from .hessians import HessianCollector, gptq_row_groups, hessian_error, row_parts, split_rows
+from .hessians import HessianCollector, gptq_row_groups, gptq_shared, hessian_error, row_parts
 from .measure import four_ratios, measure
 from .records import LayerRecord, StepRecord
 from .rules import check_order
@@ -210,21 +210,14 @@ def _gptq(model, step: GPTQ, targets, batches, rec: StepRecord, report, sc=None)
         for group in _share_input(single, first):
             t0 = time.perf_counter()
             h = first[group[0].name].hessian()
-            w = torch.cat([t.weight_view().detach().float() for t in group])
             pats = {t.name: _sparse_pattern(t) for t in group}   # pruned earlier: masked GPTQ keeps the zeros
-            mask = torch.cat([pats[t.name][0].to(w.device) if pats[t.name] is not None else torch.ones(
-                t.out_features, t.in_features, dtype=torch.bool, device=w.device) for t in group]) \
+            dev = group[0].weight_view().device
+            mask = torch.cat([pats[t.name][0].to(dev) if pats[t.name] is not None else torch.ones(
+                t.out_features, t.in_features, dtype=torch.bool, device=dev) for t in group]) \
                 if any(p is not None for p in pats.values()) else None
-            res = gptq(w, h, spec, block_size=step.block_size, damp=step.damp, act_order=step.act_order,
-                       static_groups=step.static_groups, observer=step.observer, mask=mask)
+            res, solved = gptq_shared(group, h, spec, step, mask)
             per = (time.perf_counter() - t0) / len(group)
-            row = 0
-            for t in group:
-                qt = split_rows(res.qtensor, row, row + t.out_features, spec)
-                row += t.out_features
-                wt = t.weight_view().detach().float()
-                err = hessian_error(wt, dequantize(qt).float(), [h])
-                err_rtn = hessian_error(wt, dequantize(quantize(wt, spec)).float(), [h])
+            for t, qt, err, err_rtn in solved:
                 note = "shares its input: solved with " + ", ".join(x.name for x in group if x is not t) \
                     if len(group) > 1 else ""
                 if res.retries:
