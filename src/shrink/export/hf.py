@@ -3,7 +3,9 @@
 - `safetensors`: a Hugging Face directory (config.json + model.safetensors + tokenizer)
   that transformers loads on its own. A compressed model is written as its effective
   float32 weights (fake-quantized: the dequantized values), so the file is as large as
-  the original and computes what shrink's model computes.
+  the original and computes what shrink's model computes. A model whose shapes its config
+  cannot say (heads or MLP neurons removed per layer) also gets a generated modeling file
+  and an auto_map (hf_resized.py): transformers loads it with trust_remote_code=True.
 - `safetensors:packed`: shrink's own compressed directory (packed codes, scales and a
   manifest with each layer's spec, the recipe and the metrics) that `shrink.load`
   rebuilds bit-exactly.
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from shrink.export.dense import plain_copy
+from shrink.export.hf_resized import add_remote_code, has_remote_code, resized_description
 from shrink.export.verify import VerificationError, compare_logits
 from shrink.fsutil import replace_dir
 
@@ -40,7 +43,7 @@ import json, sys, time
 import numpy as np, torch, transformers
 args = json.loads(sys.argv[1])
 cls = getattr(transformers, args["auto"])
-model = cls.from_pretrained(args["dir"], local_files_only=True).eval()
+model = cls.from_pretrained(args["dir"], local_files_only=True, trust_remote_code=args["remote_code"]).eval()
 ids = torch.tensor(args["ids"])
 with torch.no_grad():
     t0 = time.perf_counter()
@@ -62,13 +65,19 @@ def check_hf_exportable(model: nn.Module) -> None:
 
 
 def write_hf_dir(model: nn.Module, tokenizer, out: str | Path) -> Path:
-    """config + model.safetensors (+ tokenizer) written atomically (a temporary sibling renamed)."""
+    """config + model.safetensors (+ tokenizer) written atomically (a temporary sibling renamed);
+    plus shrink_resized.py and the config entries that load it when the model's shapes differ
+    from its config's (see hf_resized.py)."""
     check_hf_exportable(model)
+    plain = plain_copy(model)
+    resized = resized_description(plain)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        plain_copy(model).save_pretrained(tmp, safe_serialization=True)
+        plain.save_pretrained(tmp, safe_serialization=True)
+        if resized is not None:
+            add_remote_code(plain, tmp, resized)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out)
@@ -80,12 +89,17 @@ def write_hf_dir(model: nn.Module, tokenizer, out: str | Path) -> Path:
 
 def verify_hf_dir(out: Path, model: nn.Module, ids: list[list[int]], causal: bool) -> dict:
     """Load `out` with transformers in a fresh process (no shrink) and compare its outputs with
-    shrink's model (and with the float weights written, which must agree to rounding)."""
+    shrink's model (and with the float weights written, which must agree to rounding). A directory
+    with an auto_map is loaded with trust_remote_code=True, its code copied to a temporary
+    modules cache (HF_MODULES_CACHE) that goes with the process."""
+    remote = has_remote_code(out)
     with tempfile.TemporaryDirectory() as td:
         npy = Path(td) / "y.npy"
         args = {"dir": str(out), "ids": ids, "out": str(npy), "auto": "AutoModelForCausalLM" if causal else "AutoModel",
-                "info": str(Path(td) / "info.json")}
+                "info": str(Path(td) / "info.json"), "remote_code": remote}
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        if remote:
+            env["HF_MODULES_CACHE"] = str(Path(td) / "modules")
         proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(args)], capture_output=True, text=True,
                               env=env, timeout=600)
         if proc.returncode != 0:
@@ -102,7 +116,7 @@ def verify_hf_dir(out: Path, model: nn.Module, ids: list[list[int]], causal: boo
     vs_written = compare_logits(flat(got), flat(y_plain))
     vs_model = compare_logits(flat(got), flat(y_model))
     report = {"runtime": f"transformers (separate process, class {info['class']})",
-              "shrink_imported": info["shrink_imported"], "tokens": int(batch.numel()),
+              "shrink_imported": info["shrink_imported"], "remote_code": remote, "tokens": int(batch.numel()),
               "vs_stored_weights": vs_written.as_dict(), "vs_shrink_model": vs_model.as_dict(),
               "tolerance": {"max_rel_rmse": HF_TOLERANCE},
               "latency": {"forward_ms": 1000 * info["seconds"], "batch": int(batch.shape[0]),

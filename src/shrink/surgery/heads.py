@@ -148,6 +148,12 @@ def remove_heads(model: nn.Module, group: AttentionGroup, keep) -> None:
 
 # ---------------------------------------------------------------- config
 
+# where a config cannot say the shapes, what still loads the model (export/hf_resized.py)
+EXPORT_NOTE = ("shrink's own directory records the shapes, and `shrink export --format safetensors` writes a "
+               "directory that transformers loads with trust_remote_code=True (the shapes in config.json, a "
+               "generated shrink_resized.py)")
+
+
 def _uniform(values: list) -> bool:
     return len(set(values)) == 1
 
@@ -160,7 +166,8 @@ def update_config(model: nn.Module) -> dict:
     A size that differs by layer is left as it is. Returns {"config_loadable": bool,
     "reason": str}: True when a model built from the config alone (as `from_pretrained`
     of a save_pretrained dir does) has every module's shape and attention attribute as
-    this one, checked by building it on the meta device.
+    this one, checked by building it on the meta device. When the shapes are why not, the
+    reason ends with EXPORT_NOTE: the safetensors export adds code that rebuilds them.
     """
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "num_hidden_layers"):
@@ -191,7 +198,7 @@ def update_config(model: nn.Module) -> dict:
                 if why:   # transformers refuses to save it (e.g. hidden_size % num_attention_heads != 0)
                     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = old
                     notes.append(f"{heads[0][0]} heads per layer: transformers' config validation refuses it "
-                                 f"({why}); shrink's own directory records the shapes")
+                                 f"({why})")
             else:
                 notes.append(f"the head count differs by layer ({[h for h, _ in heads]}); "
                              "a config has one num_attention_heads")
@@ -199,7 +206,9 @@ def update_config(model: nn.Module) -> dict:
             notes.append(f"{arch.upper()} heads were removed ({[h for h, _ in heads]} per layer): transformers 5 "
                          "derives the head size as hidden_size / num_attention_heads and no longer reads "
                          "pruned_heads, so a config cannot express fewer heads of the same size")
-    if not notes:
+    if notes:
+        notes.append(EXPORT_NOTE)
+    else:
         notes += _config_mismatch(model, cfg)
     if notes:
         return {"config_loadable": False, "reason": "; ".join(notes)}
@@ -233,5 +242,5 @@ def _config_mismatch(model: nn.Module, cfg) -> list[str]:
     diffs = [*desc["layers"], *desc["modules"], *(f"{n}.{a}" for n, d in desc["attributes"].items() for a in d)]
     if diffs:
         return [f"{len(diffs)} modules or attributes differ from a model built from the config "
-                f"(e.g. {', '.join(diffs[:3])})"]
+                f"(e.g. {', '.join(diffs[:3])})", EXPORT_NOTE]
     return []
