@@ -18,7 +18,9 @@ Sections:
               heads 0.25 and layers 0.25, without fine-tuning and with 200 steps of next-token
               loss on the default 64 calibration windows, of distillation on the same
               windows, and of next-token loss on 256 windows; whether each config reloads
-              (shrink's own directory, and transformers' from_pretrained).
+              (shrink's own directory; transformers' save_pretrained / from_pretrained; and
+              the safetensors export, shrink.export.hf.write_hf_dir, loaded by transformers'
+              Auto class with trust_remote_code=True, which is also timed).
 
 Everything runs through shrink.recipe.compress on the models and metrics of
 shrink.recipe.job.prepare. Latency: shrink.eval.latency.latency_metric on compress's own
@@ -29,14 +31,20 @@ probe (the first calibration example, and the first 8), the models timed round-r
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers copies remote code (the export's shrink_resized.py) here: a temporary dir, not ~/.cache
+_MODULES = tempfile.mkdtemp(prefix="bench-pruning-hf-modules-")
+os.environ.setdefault("HF_MODULES_CACHE", _MODULES)
+atexit.register(shutil.rmtree, _MODULES, True)
 
 import torch  # noqa: E402
 
@@ -226,10 +234,16 @@ def sec_lottery(args) -> None:
 
 # ---------------------------------------------------------------- 4. heads and layers
 
-def _reload_checks(res, base_desc, batch) -> tuple[str, str]:
-    """(shrink's own directory: max |diff| of outputs after reload, transformers from_pretrained: outcome)."""
+def _reload_checks(res, base_desc, batch, tmp: Path) -> tuple[str, str, str, object]:
+    """(shrink's own directory: max |diff| of outputs after reload; transformers save_pretrained /
+    from_pretrained: outcome; the safetensors export loaded by transformers' Auto class with
+    trust_remote_code=True: outcome; that loaded model, or None). Files stay in `tmp`."""
+    import transformers
+
+    from shrink.export.hf import write_hf_dir
+    from shrink.export.hf_resized import has_remote_code
     from shrink.models.compressed import save_compressed
-    from shrink.models.io import load
+    from shrink.models.io import is_causal_lm, load
     from shrink.surgery.capture import call_model
 
     def out(m):
@@ -238,25 +252,36 @@ def _reload_checks(res, base_desc, batch) -> tuple[str, str]:
         o = getattr(o, "logits", None) if getattr(o, "logits", None) is not None else getattr(o, "last_hidden_state", o)
         return o.float()
 
+    def n_params(m):
+        return sum(p.numel() for p in m.parameters())
+
     ref = out(res.model.eval())
-    with tempfile.TemporaryDirectory() as tmp:
-        save_compressed(res.model, Path(tmp) / "own", base=base_desc)
-        own = f"reloads, max |diff| {float((out(load(Path(tmp) / 'own')) - ref).abs().max()):.1e}"
-        try:
-            res.model.save_pretrained(Path(tmp) / "hf")
-            hf = type(res.model).from_pretrained(Path(tmp) / "hf").eval()
-            hf_txt = f"loads, max |diff| {float((out(hf) - ref).abs().max()):.1e}"
-        except Exception as e:  # noqa: BLE001 - recorded, not hidden
-            hf_txt = f"fails: {type(e).__name__}: {str(e).splitlines()[0].split('. ')[0]}"
-    return own, hf_txt
+    save_compressed(res.model, tmp / "own", base=base_desc)
+    own = f"reloads, max |diff| {float((out(load(tmp / 'own')) - ref).abs().max()):.1e}"
+    try:
+        res.model.save_pretrained(tmp / "hf")
+        hf = type(res.model).from_pretrained(tmp / "hf").eval()
+        hf_txt = f"loads, max |diff| {float((out(hf) - ref).abs().max()):.1e}"
+    except Exception as e:  # noqa: BLE001 - recorded, not hidden
+        hf_txt = f"fails: {type(e).__name__}: {str(e).splitlines()[0].split('. ')[0]}"
+    auto = transformers.AutoModelForCausalLM if is_causal_lm(res.model) else transformers.AutoModel
+    write_hf_dir(res.model, None, tmp / "export")
+    remote = has_remote_code(tmp / "export")
+    exported = auto.from_pretrained(tmp / "export", trust_remote_code=True, local_files_only=True).eval()
+    ex_txt = (f"loads as {type(exported).__name__} ({'remote code' if remote else 'no remote code needed'}), "
+              f"{n_params(exported):,} params (shrink's model: {n_params(res.model):,}), "
+              f"max |diff| {float((out(exported) - ref).abs().max()):.1e}")
+    return own, hf_txt, ex_txt, exported
 
 
 def sec_heads(args) -> None:
     steps = steps_of(200, args.quick)
     print(f"\n## 4. Attention heads and layers ({steps} fine-tuning steps)\n")
-    lm, distill = {"steps": steps, "lr": 1e-4}, {"steps": steps, "lr": 1e-4, "loss": "distill"}
+    # finetune's default loss (auto) distills from the uncompressed model; next-token loss is named
+    default = {"steps": steps, "lr": 1e-4}
+    lm, distill = {**default, "loss": "lm"}, {**default, "loss": "distill"}
     # (method, sparsity, finetune or None, calibration windows for the fine-tune (None: prepare's default))
-    plans = {"minilm": [("heads", 0.25, None, None), ("heads", 0.25, lm, None)],
+    plans = {"minilm": [("heads", 0.25, None, None), ("heads", 0.25, default, None)],
              "tiny-gpt": [(m, 0.25, ft, n) for m in ("heads", "layers")
                           for ft, n in ((None, None), (lm, None), (distill, None), (lm, 256))]}
     for name, variants in plans.items():
@@ -266,6 +291,7 @@ def sec_heads(args) -> None:
         probe = latency_probe(batches[0])
         more = {}
         rows, tuned, checks, configs = [], {}, {}, {}
+        tmp = Path(tempfile.mkdtemp(prefix=f"bench-pruning-{name}-"))
         for method, s, ft, windows in variants:
             data = batches
             if windows is not None:
@@ -276,8 +302,7 @@ def sec_heads(args) -> None:
             label = f"{method} {s:.0%}"
             if ft is not None:
                 recipe.append({"finetune": ft})
-                loss = ft.get("loss", "auto")
-                loss = {"auto": "lm" if name == "tiny-gpt" else "distill"}.get(loss, loss)
+                loss = {"auto": "distill"}.get(ft.get("loss", "auto"), ft.get("loss"))
                 rows_of = sum(b["input_ids"].shape[0] for b in data)
                 label += f" + finetune {ft['steps']} (lr {ft['lr']:g}, {loss}, {rows_of} calibration rows)"
             res, secs = run(model, recipe, data, metric, base=base, speed=ft is not None)
@@ -295,7 +320,9 @@ def sec_heads(args) -> None:
             configs[method] = d["config"]
             if ft is not None and method not in checks:   # one timing and reload check per pruned shape
                 tuned[label] = res.model
-                checks[method] = (label, *_reload_checks(res, base_desc, probe["batched"]))
+                own, hf, ex, exported = _reload_checks(res, base_desc, probe["batched"], tmp / method)
+                checks[method] = (label, own, hf, ex)
+                tuned[f"{label}, loaded by transformers from the export"] = exported
         q = "embedding cosine to the original" if name == "minilm" else "perplexity on held-out text"
         shape = {k: tuple(v.shape) for k, v in probe["batched"].items() if k == "input_ids"}["input_ids"]
         print(f"### {name} ({q}; latency probe: batch 1 and {shape[0]} x {shape[1]} tokens)\n")
@@ -313,12 +340,14 @@ def sec_heads(args) -> None:
                   f"{t['original']['8'] / d['8']:.2f}x |")
         print("\nConfig and reloading:\n")
         print("| pruned | config_loadable (steps[0].details) | reason | shrink's own directory | "
-              "transformers save_pretrained / from_pretrained |")
-        print("| --- | --- | --- | --- | --- |")
-        for method, (label, own, hf) in checks.items():
+              "transformers save_pretrained / from_pretrained | export safetensors, Auto class "
+              "from_pretrained(trust_remote_code=True) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for method, (label, own, hf, ex) in checks.items():
             c = configs[method]
-            print(f"| {label} | {c['config_loadable']} | {c.get('reason', '') or '-'} | {own} | {hf} |")
+            print(f"| {label} | {c['config_loadable']} | {c.get('reason', '') or '-'} | {own} | {hf} | {ex} |")
         print(flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
