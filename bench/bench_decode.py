@@ -8,6 +8,11 @@ int8 (per channel) or int4-g128 lm_head replace it with QuantLinear.from_linear.
 "bf16 act" variants run the whole model in bf16 (model.to(torch.bfloat16); QuantLinear
 keeps its codes and scales, and skips its casts since its input is already bf16).
 
+Each variant runs twice per round: greedy_decode(runtime="transformers") (the model's own
+forward with a DynamicCache) and runtime="stepper" (shrink.modules.llama_stepper: the same
+arithmetic with a preallocated cache, precomputed rotary tables and fused q/k/v and gate/up
+kernel calls); "same tokens" says whether both produced the same 64 tokens.
+
 Speeds are decode tokens/s after the prompt (prompt processing excluded, as
 llama.cpp's "tg"), measured with shrink.modules.greedy_decode, and with
 transformers' generate(do_sample=False) end to end (prompt included) for a few
@@ -80,19 +85,23 @@ def main() -> None:
     models = variants(not args.no_fp)
     ids = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     gen_names = [n for n in ("fp32", "int4, lm_head fp32", "int4, lm_head int4") if n in models]
+    runtimes = ("transformers", "stepper")
     for m in models.values():  # warm-up: first calls allocate and pack
-        greedy_decode(m, ids, 4, threads=threads[0])
-    tps = {(n, t): [] for n in models for t in threads}
+        for rt in runtimes:
+            greedy_decode(m, ids, 4, threads=threads[0], runtime=rt)
+    tps = {(n, t, rt): [] for n in models for t in threads for rt in runtimes}
     gen = {(n, t): [] for n in gen_names for t in threads}
-    ref_tokens, agree = {}, {}
+    ref_tokens, agree, same = {}, {}, {}
     loads = []
     for _ in range(args.repeat):
         for t in threads:
             for name, m in models.items():
-                res = greedy_decode(m, ids, args.new, threads=t)
-                tps[(name, t)].append(res.tokens_per_s)
-                ref_tokens.setdefault(name, res.tokens)
-                agree[name] = torch.equal(ref_tokens[name], res.tokens)
+                for rt in runtimes:
+                    res = greedy_decode(m, ids, args.new, threads=t, runtime=rt)
+                    tps[(name, t, rt)].append(res.tokens_per_s)
+                    ref_tokens.setdefault((name, rt), res.tokens)
+                    agree[(name, rt)] = torch.equal(ref_tokens[(name, rt)], res.tokens)
+                same[name] = torch.equal(ref_tokens[(name, "transformers")], ref_tokens[(name, "stepper")])
             for name in gen_names:
                 gen[(name, t)].append(generate_tps(models[name], ids, args.new, t))
             loads.append(os.getloadavg()[0])
@@ -100,15 +109,16 @@ def main() -> None:
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"prompt {args.prompt} tokens, {args.new} new, batch 1, median of {args.repeat} round-robin rounds; "
           f"load average (1 min) during the rounds {min(loads):.1f}-{max(loads):.1f}")
-    base = {t: statistics.median(tps[("fp32", t)]) for t in threads} if "fp32" in models else None
-    print("| model | threads | decode tok/s (greedy_decode) | vs fp32 | generate() tok/s, prompt included |")
-    print("| --- | --- | --- | --- | --- |")
+    base = {t: statistics.median(tps[("fp32", t, "transformers")]) for t in threads} if "fp32" in models else None
+    print("| model | threads | decode tok/s, transformers forward | decode tok/s, LlamaStepper | stepper speed-up "
+          "| stepper vs fp32 (transformers) | same tokens | generate() tok/s, prompt included |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for t in threads:
         for name in models:
-            v = statistics.median(tps[(name, t)])
-            ratio = f"{v / base[t]:.2f}x" if base else "-"
+            v, w = (statistics.median(tps[(name, t, rt)]) for rt in runtimes)
+            ratio = f"{w / base[t]:.2f}x" if base else "-"
             g = f"{statistics.median(gen[(name, t)]):.1f}" if (name, t) in gen else "-"
-            print(f"| {name} | {t} | {v:.1f} | {ratio} | {g} |")
+            print(f"| {name} | {t} | {v:.1f} | {w:.1f} | {w / v:.2f}x | {ratio} | {same[name]} | {g} |")
     if not all(agree.values()):
         print("# warning: a variant produced different tokens in different rounds")
 

@@ -39,6 +39,8 @@ class DecodeResult:
     new_tokens: int
     prefill_s: float
     decode_s: float
+    runtime: str = "transformers"   # "stepper" (LlamaStepper) or "transformers" (the model's forward)
+    runtime_note: str | None = None  # why the stepper was not used, when it was not
 
     @property
     def tokens_per_s(self) -> float:
@@ -75,18 +77,35 @@ def intra_op_threads(threads: int | None):
 
 
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
-                  eos_token_id: int | None = None, threads: int | None = None) -> DecodeResult:
+                  eos_token_id: int | None = None, threads: int | None = None,
+                  runtime: str = "auto") -> DecodeResult:
     """Greedy decode `max_new_tokens` after `input_ids` ([batch, prompt] token ids, no
-    padding) with a transformers causal LM and a dynamic KV cache, under inference_mode.
-    Stops early when every sequence has just produced `eos_token_id`."""
+    padding) with a transformers causal LM, under inference_mode. Stops early when every
+    sequence has just produced `eos_token_id`.
+
+    runtime: "auto" runs shrink's LlamaStepper (llama_stepper.py: the same arithmetic with
+    less per-token overhead) when the model is a Llama it can take, else the model's own
+    forward with a DynamicCache ("transformers"); "stepper" insists on the stepper (a
+    ValueError says why a model cannot take it); "transformers" never uses it. The result
+    says which ran (`runtime`) and why not the stepper (`runtime_note`)."""
     from transformers import DynamicCache
+
+    from shrink.modules.llama_stepper import LlamaStepper, why_not
 
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError("greedy_decode: input_ids must be a [batch, prompt] tensor with at least one token")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"greedy_decode: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if runtime not in ("auto", "stepper", "transformers"):
+        raise ValueError(f"greedy_decode: runtime must be 'auto', 'stepper' or 'transformers', got {runtime!r}")
+    note = "runtime='transformers' was asked for" if runtime == "transformers" else why_not(model)
+    if runtime == "stepper" and note is not None:
+        raise ValueError(f"greedy_decode: the stepper cannot run this model: {note}")
     n_prompt = int(input_ids.shape[1])
     device = input_ids.device
+    if note is None:
+        return _stepper_decode(LlamaStepper(model, int(input_ids.shape[0]), n_prompt + max_new_tokens),
+                               input_ids, max_new_tokens, eos_token_id, threads)
     out_tokens = [input_ids]
     with intra_op_threads(threads), torch.inference_mode():
         cache = DynamicCache(config=model.config)
@@ -109,7 +128,29 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
         t2 = time.perf_counter()
         tokens = torch.cat(out_tokens, dim=1)
     return DecodeResult(tokens=tokens, prompt_tokens=n_prompt, new_tokens=len(out_tokens) - 1,
-                        prefill_s=t1 - t0, decode_s=t2 - t1)
+                        prefill_s=t1 - t0, decode_s=t2 - t1, runtime="transformers", runtime_note=note)
+
+
+def _stepper_decode(stepper, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+                    threads: int | None) -> DecodeResult:
+    device = input_ids.device
+    out_tokens = [input_ids]
+    with intra_op_threads(threads), torch.inference_mode():
+        t0 = time.perf_counter()
+        tok = stepper.step(input_ids).argmax(-1)
+        out_tokens.append(tok)
+        sync_device(device)
+        t1 = time.perf_counter()
+        for _ in range(1, max_new_tokens):
+            if eos_token_id is not None and bool((tok == eos_token_id).all()):
+                break
+            tok = stepper.step(tok).argmax(-1)
+            out_tokens.append(tok)
+        sync_device(device)
+        t2 = time.perf_counter()
+        tokens = torch.cat(out_tokens, dim=1)
+    return DecodeResult(tokens=tokens, prompt_tokens=int(input_ids.shape[1]), new_tokens=len(out_tokens) - 1,
+                        prefill_s=t1 - t0, decode_s=t2 - t1, runtime="stepper")
 
 
 def sync_device(device: torch.device) -> None:
