@@ -69,6 +69,13 @@ def make_tokens(n_calib: int, n_heldout: int, seq: int) -> dict[str, torch.Tenso
     return {"calibration": calib, "heldout": held}
 
 
+def ordered(calib: torch.Tensor, order: int) -> torch.Tensor:
+    """The calibration sequences as drawn (order 0) or permuted with seed `order`."""
+    if order == 0:
+        return calib
+    return calib[torch.randperm(calib.shape[0], generator=torch.Generator().manual_seed(order))]
+
+
 def model_dir(work: Path, head_scale: float) -> Path:
     """The float model as an HF directory (built once; lm_head scaled)."""
     path = work / f"llama374m-seed0-head{head_scale:g}"
@@ -263,6 +270,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--work", default=str(PEERS / "work"))
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--orders", type=int, nargs="+", default=[0],
+                    help="calibration orders, one run of each tool per order: 0 = as drawn, N > 0 = the same "
+                         "64 sequences permuted with seed N (mathematically the same calibration set; only "
+                         "the floating-point summation order changes)")
     ap.add_argument("--device", default="cpu", help="where shrink's model runs (cpu, cuda)")
     ap.add_argument("--propagate", choices=("kernel", "fp32"), nargs="+", default=["kernel"],
                     help="how quantized layers run while later blocks calibrate (several: one run each)")
@@ -290,24 +301,37 @@ def main() -> None:
           f"{sum(f.stat().st_size for f in path.glob('*.safetensors'))} safetensors bytes")
 
     rows = []
-    if not args.skip_shrink:
-        for how in args.propagate:
-            r = run_shrink(path, toks["calibration"], toks["heldout"], ref, args.profile, args.device, how, recipe)
+    for order in args.orders:
+        calib = ordered(toks["calibration"], order)
+        order_file = tokens_file if order == 0 else work / f"{tokens_file.stem}-order{order}.pt"
+        if order != 0:
+            torch.save({"calibration": calib, "heldout": toks["heldout"]}, order_file)
+        tag = f" [calibration order {order}]" if len(args.orders) > 1 or order else ""
+        if not args.skip_shrink:
+            for how in args.propagate:
+                r = run_shrink(path, calib, toks["heldout"], ref, args.profile, args.device, how, recipe)
+                r["order"] = order
+                rows.append(r)
+                print(f"shrink {recipe} ({args.device}, propagate {how}){tag}: {r['seconds']:.1f} s, KL {r['kl']:.5f} "
+                      f"(fp32 dequantized {r['kl_fp32_dequantized']:.5f}), {r['bytes']} bytes, kernels {r['kernels']}, "
+                      f"load {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}", flush=True)
+                if "breakdown" in r:
+                    for k, v in r["breakdown"].items():
+                        if k != "calls":
+                            print(f"  {k}: {v:.1f} s")
+        if args.with_llmc:
+            out = work / f"llmc-out-{args.llmc_actorder}{'-sym' if args.llmc_symmetric else ''}-order{order}"
+            r = run_llmc(Path(args.llmc_python), path, order_file, out, args.llmc_actorder, args.llmc_symmetric)
+            r["order"] = order
             rows.append(r)
-            print(f"shrink {recipe} ({args.device}, propagate {how}): {r['seconds']:.1f} s, KL {r['kl']:.5f} "
-                  f"(fp32 dequantized {r['kl_fp32_dequantized']:.5f}), {r['bytes']} bytes, kernels {r['kernels']}, "
-                  f"load {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}", flush=True)
-            if "breakdown" in r:
-                for k, v in r["breakdown"].items():
-                    if k != "calls":
-                        print(f"  {k}: {v:.1f} s")
+            print(f"{r['tool']}{tag}: oneshot {r['oneshot_s']:.1f} s, KL {r['kl']:.5f}, {r['safetensors_bytes']} "
+                  f"safetensors bytes, actorder {r['actorder']}, load {r['loadavg'][0]:.2f}", flush=True)
+    if len(args.orders) > 1:
+        for tool in sorted({r["tool"] for r in rows}):
+            kls = [r["kl"] for r in rows if r["tool"] == tool]
+            print(f"{tool}: KL over {len(kls)} calibration orders: mean {sum(kls) / len(kls):.4f}, "
+                  f"min {min(kls):.4f}, max {max(kls):.4f}", flush=True)
     del ref
-    if args.with_llmc:
-        out = work / f"llmc-out-{args.llmc_actorder}{'-sym' if args.llmc_symmetric else ''}"
-        r = run_llmc(Path(args.llmc_python), path, tokens_file, out, args.llmc_actorder, args.llmc_symmetric)
-        rows.append(r)
-        print(f"{r['tool']}: oneshot {r['oneshot_s']:.1f} s, KL {r['kl']:.5f}, {r['safetensors_bytes']} "
-              f"safetensors bytes, actorder {r['actorder']}, load {r['loadavg'][0]:.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
