@@ -88,8 +88,6 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
     forward with a DynamicCache ("transformers"); "stepper" insists on the stepper (a
     ValueError says why a model cannot take it); "transformers" never uses it. The result
     says which ran (`runtime`) and why not the stepper (`runtime_note`)."""
-    from transformers import DynamicCache
-
     from shrink.modules.llama_stepper import LlamaStepper, why_not
 
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
@@ -101,56 +99,53 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
     note = "runtime='transformers' was asked for" if runtime == "transformers" else why_not(model)
     if runtime == "stepper" and note is not None:
         raise ValueError(f"greedy_decode: the stepper cannot run this model: {note}")
-    n_prompt = int(input_ids.shape[1])
-    device = input_ids.device
     if note is None:
-        return _stepper_decode(LlamaStepper(model, int(input_ids.shape[0]), n_prompt + max_new_tokens),
-                               input_ids, max_new_tokens, eos_token_id, threads)
-    out_tokens = [input_ids]
-    with intra_op_threads(threads), torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        t0 = time.perf_counter()
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True,
-                       cache_position=torch.arange(n_prompt, device=device), logits_to_keep=1).logits
-        tok = logits[:, -1:].argmax(-1)
-        out_tokens.append(tok)
-        sync_device(device)
-        t1 = time.perf_counter()
-        for i in range(1, max_new_tokens):
-            if eos_token_id is not None and bool((tok == eos_token_id).all()):
-                break
-            logits = model(input_ids=tok, past_key_values=cache, use_cache=True,
-                           cache_position=torch.tensor([n_prompt + i - 1], device=device),
-                           logits_to_keep=1).logits
-            tok = logits[:, -1:].argmax(-1)
-            out_tokens.append(tok)
-        sync_device(device)  # a GPU runs behind the Python loop: wait for it before reading the clock
-        t2 = time.perf_counter()
-        tokens = torch.cat(out_tokens, dim=1)
-    return DecodeResult(tokens=tokens, prompt_tokens=n_prompt, new_tokens=len(out_tokens) - 1,
-                        prefill_s=t1 - t0, decode_s=t2 - t1, runtime="transformers", runtime_note=note)
+        step = LlamaStepper(model, int(input_ids.shape[0]), int(input_ids.shape[1]) + max_new_tokens).step
+    else:
+        step = _transformers_step(model, input_ids.device)
+    tokens, prefill_s, decode_s = _greedy_loop(step, input_ids, max_new_tokens, eos_token_id, threads)
+    n_prompt = int(input_ids.shape[1])
+    return DecodeResult(tokens=tokens, prompt_tokens=n_prompt, new_tokens=int(tokens.shape[1]) - n_prompt,
+                        prefill_s=prefill_s, decode_s=decode_s,
+                        runtime="stepper" if note is None else "transformers", runtime_note=note)
 
 
-def _stepper_decode(stepper, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
-                    threads: int | None) -> DecodeResult:
+def _transformers_step(model: nn.Module, device: torch.device):
+    """ids [batch, t] -> logits [batch, 1, vocab] of the last position: the model's own forward
+    with a DynamicCache, the cache position and logits_to_keep=1."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    pos = [0]
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        start, pos[0] = pos[0], pos[0] + ids.shape[1]
+        return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                     cache_position=torch.arange(start, pos[0], device=device)).logits[:, -1:]
+
+    return step
+
+
+def _greedy_loop(step, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+                 threads: int | None) -> tuple[torch.Tensor, float, float]:
+    """(tokens with the prompt, prefill seconds, decode seconds) of a greedy decode by `step`."""
     device = input_ids.device
     out_tokens = [input_ids]
     with intra_op_threads(threads), torch.inference_mode():
         t0 = time.perf_counter()
-        tok = stepper.step(input_ids).argmax(-1)
+        tok = step(input_ids).argmax(-1)
         out_tokens.append(tok)
         sync_device(device)
         t1 = time.perf_counter()
         for _ in range(1, max_new_tokens):
             if eos_token_id is not None and bool((tok == eos_token_id).all()):
                 break
-            tok = stepper.step(tok).argmax(-1)
+            tok = step(tok).argmax(-1)
             out_tokens.append(tok)
-        sync_device(device)
+        sync_device(device)  # a GPU runs behind the Python loop: wait for it before reading the clock
         t2 = time.perf_counter()
         tokens = torch.cat(out_tokens, dim=1)
-    return DecodeResult(tokens=tokens, prompt_tokens=int(input_ids.shape[1]), new_tokens=len(out_tokens) - 1,
-                        prefill_s=t1 - t0, decode_s=t2 - t1, runtime="stepper")
+    return tokens, t1 - t0, t2 - t1
 
 
 def sync_device(device: torch.device) -> None:
