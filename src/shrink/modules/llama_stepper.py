@@ -76,9 +76,11 @@ def why_not(model: nn.Module) -> str | None:
     return None
 
 
-def _fused(mods: list[nn.Module]):
+def _fused(mods: list[nn.Module], join: int = 1):
     """One kernel call computing every module of `mods` (same input), or None when they are
-    not all QuantLinear layers on the same CPU kernel with the same group and no bias."""
+    not all QuantLinear layers on the same CPU kernel with the same group and no bias.
+    For a single module: the kernel call without the module's own call and checks.
+    join: the first `join` modules' outputs come back as one tensor (a view of the kernel's)."""
     from shrink.modules.quant_linear import QuantLinear
 
     if not all(type(m) is QuantLinear for m in mods):
@@ -89,12 +91,12 @@ def _fused(mods: list[nn.Module]):
             or any(m._kernel_group != first._kernel_group or m.bias is not None for m in mods):
         return None
     group, mm = first._kernel_group, fast[0][3]
-    if group is not None and any(m.out_features % _INT4_BLOCK_N for m in mods):
+    if group is not None and len(mods) > 1 and any(m.out_features % _INT4_BLOCK_N for m in mods):
         return None   # the CPU int4 layout interleaves rows in blocks of 64: only whole blocks concatenate
     w = torch.cat([f[0] for f in fast], 0)
     # int4 scales_and_zeros are [K / group, N, 2]; int8 scales are [N]
     s = torch.cat([f[1] for f in fast], 1 if group is not None else 0)
-    sizes = [m.out_features for m in mods]
+    sizes = [sum(m.out_features for m in mods[:join])] + [m.out_features for m in mods[join:]]
     k = first.in_features
 
     def call(x: torch.Tensor):
@@ -107,13 +109,32 @@ def _fused(mods: list[nn.Module]):
         y = mm(x2, w, group, s) if group is not None else mm(x2, w, s)
         if dtype != torch.bfloat16:
             y = y.to(dtype)
-        return y.view(*x.shape[:-1], y.shape[-1]).split(sizes, -1)
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        return y.split(sizes, -1) if len(sizes) > 1 else y
 
     return call
 
 
 def _separate(mods: list[nn.Module]):
     return lambda x: tuple(m(x) for m in mods)
+
+
+def _calls(mods: list[nn.Module]):
+    """A callable of the modules' common input: one fused kernel call where possible, else
+    each module called; it returns a tuple for several modules, a tensor for one."""
+    fused = _fused(mods)
+    if fused is not None:
+        return fused
+    return _separate(mods) if len(mods) > 1 else mods[0]
+
+
+def _qkv_calls(attn: nn.Module):
+    """x -> (q and k side by side on the last dim, v): the rotary step takes q and k together."""
+    fused = _fused([attn.q_proj, attn.k_proj, attn.v_proj], join=2)
+    if fused is not None:
+        return fused
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    return lambda x: (torch.cat((q(x), k(x)), -1), v(x))
 
 
 class LlamaStepper:
@@ -131,23 +152,22 @@ class LlamaStepper:
         positions = torch.arange(self.max_len, device=device)[None]
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dtype, device=device), positions)
         self.layers = []
-        self.cos, self.sin = {}, {}
+        self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # head dim -> cos, sin [max_len, 1, hd]
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             hd = int(attn.head_dim)
-            if hd not in self.cos:
+            if hd not in self.rope:
                 c, s = cos[0].to(dtype), sin[0].to(dtype).clone()
                 if c.shape[-1] != hd:
                     raise ValueError(f"LlamaStepper: rotary tables of width {c.shape[-1]} for heads of {hd}")
                 s[:, : hd // 2] = -s[:, : hd // 2]   # rotate_half(x) * sin == swap_halves(x) * sin'
-                self.cos[hd], self.sin[hd] = c, s
+                self.rope[hd] = (c[:, None], s[:, None])
             nh, nkv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-            gu = [mlp.gate_proj, mlp.up_proj]
             cache = torch.zeros(2, batch, nkv, self.max_len, hd, dtype=dtype, device=device)
-            self.layers.append((layer.input_layernorm, _fused(qkv) or _separate(qkv), attn.o_proj,
-                                layer.post_attention_layernorm, _fused(gu) or _separate(gu), mlp.down_proj,
-                                nh, nkv, hd, float(attn.scaling), cache))
+            self.layers.append((layer.input_layernorm, _qkv_calls(attn),
+                                _calls([attn.o_proj]), layer.post_attention_layernorm,
+                                _calls([mlp.gate_proj, mlp.up_proj]), _calls([mlp.down_proj]),
+                                nh, nkv, hd, float(attn.scaling), cache[0], cache[1]))
         self.pos = 0
 
     @staticmethod
@@ -166,16 +186,18 @@ class LlamaStepper:
         if end > self.max_len:
             raise ValueError(f"LlamaStepper: position {end} is past the {self.max_len} the cache was made for")
         x = self.inner.embed_tokens(ids)
-        for n1, qkv, o, n2, gu, down, nh, nkv, hd, scale, cache in self.layers:
-            cos, sin = self.cos[hd][start:end, None], self.sin[hd][start:end, None]
-            q, k, v = qkv(self._norm(x, n1))
-            qk = torch.cat((q, k), -1).view(b, t, nh + nkv, hd)
+        rope = {hd: (c[start:end], s[start:end]) for hd, (c, s) in self.rope.items()}
+        causal = t > 1
+        for n1, qkv, o, n2, gu, down, nh, nkv, hd, scale, kc, vc in self.layers:
+            cos, sin = rope[hd]
+            qk, v = qkv(self._norm(x, n1))
+            qk = qk.view(b, t, nh + nkv, hd)
             half = hd // 2
             qk = (qk * cos + torch.cat((qk[..., half:], qk[..., :half]), -1) * sin).transpose(1, 2)
-            cache[0, :, :, start:end] = qk[:, nh:]
-            cache[1, :, :, start:end] = v.view(b, t, nkv, hd).transpose(1, 2)
-            a = F.scaled_dot_product_attention(qk[:, :nh], cache[0, :, :, :end], cache[1, :, :, :end],
-                                               is_causal=t > 1, scale=scale, enable_gqa=nh != nkv)
+            kc.narrow(2, start, t).copy_(qk[:, nh:])
+            vc.narrow(2, start, t).copy_(v.view(b, t, nkv, hd).transpose(1, 2))
+            a = F.scaled_dot_product_attention(qk[:, :nh], kc[:, :, :end], vc[:, :, :end],
+                                               is_causal=causal, scale=scale, enable_gqa=nh != nkv)
             x = x + o(a.transpose(1, 2).reshape(b, t, nh * hd))
             g, u = gu(self._norm(x, n2))
             x = x + down(F.silu(g) * u)
