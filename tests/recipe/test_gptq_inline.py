@@ -150,3 +150,56 @@ def test_float_replay_is_the_forward_the_pass_used(spec):
     # the pass's own forward: F.linear on dequantize(qt) (gptq_inline.OnePassGPTQ._use)
     assert torch.equal(layer.dequantized_weight(), dequantize(qt).float())
     assert torch.equal(y, torch.nn.functional.linear(x, dequantize(qt).float(), layer.bias))
+
+
+def test_bf16_matmuls_change_only_what_follows_the_first_layers():
+    """matmul_dtype: bfloat16 runs the one-pass forward's target matmuls in bf16: the block's
+    first layers see the same float input (same codes), later ones the bf16-rounded outputs."""
+    model = tiny_llama(num_hidden_layers=2)
+    batches = _batches()
+    f32 = compress(model, STEP, calibration=batches, measure_speed=False)
+    step = [{"gptq": {**STEP[0]["gptq"], "matmul_dtype": "bfloat16"}}]
+    bf = compress(model, step, calibration=batches, measure_speed=False)
+    assert bf.steps[0].details["gptq_pass"].endswith("; the target layers' matmuls in bfloat16")
+    a = "model.layers.0.self_attn."
+    for p in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(_codes(f32.model, a + p), _codes(bf.model, a + p))
+    # o_proj is solved on the attention of bf16-matmul q/k/v outputs: rebuild that input
+    mixed = copy.deepcopy(model)
+    for p in ("q_proj", "k_proj", "v_proj"):
+        mod = mixed.get_submodule(a + p)
+        w = bf.model.get_submodule(a + p).dequantized_weight().bfloat16()
+        mod.forward = lambda x, w=w: torch.nn.functional.linear(x.bfloat16(), w).float()
+    xo = _inputs(mixed, [a + "o_proj"], torch.cat(batches))[a + "o_proj"]
+    ref_o = gptq(model.get_submodule(a + "o_proj").weight.detach(), _hessian(xo), SPEC).qtensor.int_codes()
+    assert torch.equal(_codes(bf.model, a + "o_proj"), ref_o)
+    # bf16 did change what later layers were solved on
+    last = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(_codes(f32.model, last), _codes(bf.model, last))
+    assert all(l.error < l.error_rtn for l in bf.steps[0].layers)
+    # the same quality: the two models' logits are as close as either is to the float model
+    x = torch.cat(batches)
+    with torch.no_grad():
+        ref, y32, ybf = (m(x).logits for m in (model, f32.model, bf.model))
+    assert (ybf - y32).norm() < 0.5 * (y32 - ref).norm()
+
+
+def test_bf16_matmuls_need_the_one_pass_forward():
+    with pytest.raises(ValueError, match="set true_sequential: true as well"):
+        compress(tiny_llama(num_hidden_layers=1), [{"gptq": {"matmul_dtype": "bfloat16"}}],
+                 calibration=_batches(), measure_speed=False)
+    with pytest.raises(ValueError, match="matmul_dtype must be one of float32, bfloat16"):
+        compress(tiny_llama(num_hidden_layers=1), [{"gptq": {"true_sequential": True, "matmul_dtype": "fp16"}}],
+                 calibration=_batches(), measure_speed=False)
+
+
+def test_float_replay_with_bf16_matmuls():
+    torch.manual_seed(0)
+    qt = quantize(torch.randn(48, 64), SPEC)
+    layer = QuantLinear.from_qtensor(qt, torch.randn(48))
+    x = torch.randn(5, 64)
+    with float_replay(torch.nn.Sequential(layer), torch.bfloat16):
+        y = layer(x)
+    want = torch.nn.functional.linear(x.bfloat16(), dequantize(qt).float().bfloat16()).float() + layer.bias
+    assert y.dtype == torch.float32 and torch.equal(y, want)
+    assert not torch.equal(y, torch.nn.functional.linear(x, dequantize(qt).float(), layer.bias))

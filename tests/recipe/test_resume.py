@@ -70,9 +70,10 @@ def _run(model, batches, recipe, out: Path, resume: bool):
 @pytest.mark.parametrize("recipe,every", [
     ([{"gptq": {"bits": 4, "group_size": 16}}], True),
     ([{"gptq": {"bits": 4, "group_size": 16, "true_sequential": True}}], True),   # one pass; float replay
+    ([{"gptq": {"bits": 4, "group_size": 16, "true_sequential": True, "matmul_dtype": "bfloat16"}}], True),
     ([{"smoothquant": {"alpha": 0.5, "include": ["*.mlp.*"]}}, {"gptq": {"bits": 4, "group_size": 16}}], True),
     ([{"awq": {"bits": 4, "group_size": 16, "include": ["*.o_proj"]}}], False),   # slow: one random point
-], ids=["gptq", "gptq-true-sequential", "smoothquant+gptq", "awq"])
+], ids=["gptq", "gptq-true-sequential", "gptq-one-pass-bf16", "smoothquant+gptq", "awq"])
 def test_llama_interrupted_at_a_checkpoint_resumes_bit_exactly(llama, recipe, every, tmp_path, monkeypatch):
     """Interrupted after (or while writing) checkpoint n, for every n, and resumed: the same
     weights and records as the uninterrupted run."""

@@ -120,21 +120,40 @@ def eligible(targets) -> bool:
     return bool(targets) and all(t.kind in ("linear", "conv1d") and sparse_pattern(t) is None for t in targets)
 
 
-def _float_forward(weight: torch.Tensor, bias: torch.Tensor | None):
-    def forward(x: torch.Tensor) -> torch.Tensor:
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 mm: torch.dtype | None = None) -> torch.Tensor:
+    """x @ weight^T + bias as the one-pass forward computes it: in x's dtype, or with the
+    matmul in `mm` (x and weight rounded to it; the result back in x's dtype, then the bias)."""
+    if mm is None or x.dtype == mm or not x.is_floating_point():
         return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    y = nn.functional.linear(x.to(mm), weight.to(mm)).to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def matmul_dtype(step) -> torch.dtype | None:
+    """The dtype of the one-pass forward's matmuls (None: the model's own)."""
+    name = getattr(step, "matmul_dtype", "float32")
+    return None if name == "float32" else getattr(torch, name)
+
+
+def _float_forward(weight: torch.Tensor, bias: torch.Tensor | None, mm: torch.dtype | None):
+    if mm is not None:
+        weight = weight.to(mm)   # cast once, not at every call
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return float_linear(x, weight, bias, mm)
     return forward
 
 
 @contextmanager
-def float_replay(block: nn.Module) -> Iterator[None]:
+def float_replay(block: nn.Module, mm: torch.dtype | None = None) -> Iterator[None]:
     """Run the block's QuantLinears as a float forward of their dequantized weights, the
     forward the one-pass solver gave them in the uninterrupted run (a resumed run's replay)."""
     done = []
     try:
         for m in block.modules():
             if type(m) is QuantLinear:
-                m.forward = _float_forward(m.dequantized_weight(), m.bias)
+                m.forward = _float_forward(m.dequantized_weight(), m.bias, mm)
                 done.append(m)
         yield
     finally:
@@ -149,6 +168,7 @@ class OnePassGPTQ:
                  total: int, groups: dict | None = None):
         self.model, self.step, self.spec, self.runner = model, step, spec, runner
         self.rec, self.report, self.done, self.total = rec, report, done, total
+        self.mm = matmul_dtype(step)
         # layer key -> groups of names relative to the block that share an input
         self.groups: dict[str, list[list[str]]] = dict(groups or {})
         self._by_name = {t.name: (i, t) for i, ts in enumerate(runner.block_targets) for t in ts}
@@ -162,7 +182,7 @@ class OnePassGPTQ:
     def _forward_of(self, name: str):
         def forward(x: torch.Tensor) -> torch.Tensor:
             w, b = self.live[name]
-            return nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+            return float_linear(x, w, b, self.mm)
         return forward
 
     def close(self) -> None:
@@ -233,7 +253,8 @@ class OnePassGPTQ:
         self.solved[t.name] = got
         bias = getattr(t.module, "bias", None)
         # This call and the rest of the pass see the quantized layer, as float math.
-        self.live[t.name] = (dequantize(qt).to(t.weight_view().dtype), None if bias is None else bias.detach())
+        self.live[t.name] = (dequantize(qt).to(self.mm or t.weight_view().dtype),
+                             None if bias is None else bias.detach())
         self.done[0] += 1
         if self.report:
             self.report(self.done[0], self.total)
@@ -267,22 +288,27 @@ def run_one_pass(model: nn.Module, step, targets: list, batches: list, rec, repo
 
     if not step.true_sequential or not targets:   # none left: a resumed run past its last block
         return None
+    unused = (f"; matmul_dtype {step.matmul_dtype} not applied (it is for the one-pass forward)"
+              if matmul_dtype(step) is not None else "")
     if not eligible(targets):
-        rec.details["gptq_pass"] = "two passes per block: true_sequential takes plain Linear / Conv1D layers only"
+        rec.details["gptq_pass"] = ("two passes per block: true_sequential takes plain Linear / Conv1D layers only"
+                                    + unused)
         return None
     joined, why = join_batches(batches, max(max(t.in_features, t.out_features) for t in targets))
     if joined is None:
-        rec.details["gptq_pass"] = f"two passes per block: {why}"
+        rec.details["gptq_pass"] = f"two passes per block: {why}{unused}"
         return None
     runner = SequentialRunner(model, targets=targets)
     done = [0]
     resumed = sc.resumed.pos.get("groups") if sc is not None and sc.resumed is not None else None
     solver = OnePassGPTQ(model, step, step.spec(), runner, rec, report, done, len(targets), resumed)
     start, after = block_hooks(sc, runner, done, extra=lambda: {"groups": solver.groups})
-    rec.details["gptq_pass"] = f"one pass per block: {why}"
+    mm = matmul_dtype(step)
+    rec.details["gptq_pass"] = f"one pass per block: {why}" + (
+        f"; the target layers' matmuls in {step.matmul_dtype}" if mm is not None else "")
     try:
         runner.run(joined, solver.process_block, on_input=solver, start=start, after_block=after, inline=True,
-                   replay=float_replay)
+                   replay=lambda block: float_replay(block, mm))
     finally:
         solver.close()
     return runner

@@ -56,6 +56,9 @@ class RTN:
         return _spec(self.bits, self.group_size, self.symmetric)
 
 
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class GPTQ:
     """GPTQ: Hessian-guided rounding with error feedback, block by block on calibration data."""
@@ -73,6 +76,11 @@ class GPTQ:
     # One forward pass per block, each layer solved on its quantized predecessors' outputs
     # (recipe/gptq_inline.py), instead of a float pass for the Hessians and a second to propagate.
     true_sequential: bool = False
+    # The one-pass forward's target-layer matmuls in this dtype ("bfloat16": inputs and
+    # weights rounded to bf16, products summed in fp32 by the CPU's bf16 GEMM, twice the
+    # fp32 rate where the CPU has avx512_bf16/AMX); norms, attention, the residual stream and
+    # the Hessians stay in the model's dtype. Needs true_sequential.
+    matmul_dtype: str = "float32"
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
 
@@ -81,6 +89,12 @@ class GPTQ:
         _check_group(self, self.group_size)
         if self.observer not in OBSERVERS:
             raise ValueError(f"gptq: observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"gptq: matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, "
+                             f"got {self.matmul_dtype!r}")
+        if self.matmul_dtype != "float32" and not self.true_sequential:
+            raise ValueError(f"gptq: matmul_dtype {self.matmul_dtype!r} applies to the one-pass forward: "
+                             "set true_sequential: true as well (or leave matmul_dtype at float32)")
         if not 0 < self.damp < 1:
             raise ValueError(f"gptq: damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
