@@ -406,3 +406,15 @@ def test_bad_inputs():
                       (dict(max_retries=-1), "max_retries"), (dict(percentile=99.0), "observer options")):
         with pytest.raises(ValueError, match=field):
             gptq(w, h, spec, **kw)
+
+
+@pytest.mark.parametrize("n,block", [(1, 512), (7, 3), (1100, 512), (300, 64)])
+def test_lower_inverse_by_column_blocks(n, block):
+    from shrink.algos.gptq import _lower_inverse
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n + 5, n, dtype=torch.float64, generator=g)
+    low = torch.linalg.cholesky(x.T @ x + torch.eye(n, dtype=torch.float64))
+    got = _lower_inverse(low, block)
+    assert torch.equal(got, got.tril())
+    torch.testing.assert_close(got, torch.linalg.inv(low), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got @ low, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-10)
