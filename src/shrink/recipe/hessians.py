@@ -13,10 +13,13 @@ layer's QTensor.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from shrink.algos import gptq
+from shrink.formats import pack_bits
 from shrink.observe import GramCache, HessianObserver
 from shrink.quant import QTensor, QuantSpec, dequantize, quantize
 from shrink.surgery import Target, conv_patches
@@ -104,6 +107,14 @@ def gptq_row_groups(w: torch.Tensor, hs: list[torch.Tensor], spec: QuantSpec, **
 
 def split_rows(qt: QTensor, start: int, stop: int, spec: QuantSpec) -> QTensor:
     """Rows [start, stop) of a per-channel or per-group QTensor, codes unchanged."""
+    lay = qt.layout
+    if lay.axis == 0 and qt.grid.bits <= 8 and qt.scale is not None and qt.scale.dim() >= 1:
+        # Codes are stored row by row (channel axis first): the rows' codes are one
+        # contiguous run, repacked as they are; the scales are the same rows.
+        codes = qt.stored_codes()[start * lay.inner: stop * lay.inner]
+        return dataclasses.replace(
+            qt, data=pack_bits(codes, qt.grid.bits), shape=torch.Size((stop - start, *qt.shape[1:])),
+            scale=qt.scale[start:stop], zero_point=None if qt.zero_point is None else qt.zero_point[start:stop])
     w = dequantize(qt)[start:stop]
     scale = qt.scale[start:stop]
     zp = None if qt.zero_point is None else qt.zero_point[start:stop]
