@@ -173,3 +173,22 @@ def test_float32_products_summed_in_float64_keep_float32_accuracy():
     obs = HessianObserver(600)
     obs.observe(x)
     torch.testing.assert_close(obs.hessian(), ref * (2 / 5000), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [40, 600])   # one GEMM; blocks of the upper triangle
+def test_float32_sums_in_place_then_float64(monkeypatch, n):
+    """Chunks accumulated in place by the GEMMs, flushed to the float64 sum every _FLUSH tokens,
+    after small batches gathered in the pending float32 sum: H matches a float64 computation."""
+    from shrink.observe import hessian as hmod
+    monkeypatch.setattr(hmod, "_CHUNK", 64)
+    monkeypatch.setattr(hmod, "_FLUSH", 256)
+    g = torch.Generator().manual_seed(n)
+    batches = [torch.randn(t, n, generator=g) * 2 + 0.5 for t in (10, 30, 1000, 7, 300)]
+    obs = HessianObserver(n)
+    for b in batches:
+        obs.observe(b)
+    x = torch.cat(batches).double()
+    want = 2 * x.T @ x / x.shape[0]
+    got = obs.hessian()
+    assert obs.samples == x.shape[0] and torch.equal(got, got.T)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))

@@ -25,8 +25,12 @@ from shrink.quant import check_finite
 _DTYPES = (torch.float32, torch.float64)
 # Column block of the triangular Gram product: wide enough for an efficient GEMM.
 _BLOCK = 256
-# Tokens per float32 product before it is added to the float64 sum.
+# Tokens per float32 product (bounds the float32 copy of a half-precision input).
 _CHUNK = 2048
+# Tokens whose float32 products are summed in float32 (accumulated in place by the
+# GEMMs) before the sum joins the float64 total: one float64 add per 16k tokens
+# instead of per chunk (each is a pass over n^2 doubles, ~40% of the GEMM time at n=2816).
+_FLUSH = 16384
 
 
 class HessianObserver:
@@ -44,8 +48,8 @@ class HessianObserver:
         self.samples = 0
         self.batches = 0
         # sum_t x_t x_t^T, only its upper triangle kept up to date (mirrored in hessian()):
-        # per-chunk products (float32 for float32 activations, as GPTQ implementations do)
-        # gather in `_pending` for up to _CHUNK tokens, then join the float64 `_sum`.
+        # products (float32 for float32 activations, as GPTQ implementations do) are summed
+        # in float32 over up to _FLUSH tokens, then join the float64 `_sum`.
         self._sum = torch.zeros(in_features, in_features, dtype=dtype)
         self._pending: torch.Tensor | None = None
         self._pending_tokens = 0
@@ -68,8 +72,13 @@ class HessianObserver:
             if parts is None:
                 check_finite(x.detach(), what)
                 flat = x.detach().reshape(-1, self.in_features)
-                parts = [(_gram_upper(flat[t:t + _CHUNK].to(compute)), min(_CHUNK, flat.shape[0] - t))
-                         for t in range(0, flat.shape[0], _CHUNK)]
+                parts = []
+                for t0 in range(0, flat.shape[0], _FLUSH):
+                    part = flat[t0:t0 + _FLUSH]
+                    g = None
+                    for t in range(0, part.shape[0], _CHUNK):
+                        g = _gram_upper(part[t:t + _CHUNK].to(compute), g)
+                    parts.append((g, part.shape[0]))
                 if self._cache is not None:
                     self._cache.remember(x, compute, parts)
             for g, tokens in parts:
@@ -81,14 +90,14 @@ class HessianObserver:
     def _add(self, g: torch.Tensor, tokens: int) -> None:
         if self._sum.device != g.device:  # the sum lives where the activations do (a GPU model's)
             self._sum = self._sum.to(g.device)
-        if g.dtype == self.dtype:
+        if g.dtype == self.dtype or (not self._pending_tokens and tokens >= _FLUSH):
             self._sum.add_(g)
             return
         if self._pending is None:
             self._pending = torch.zeros_like(g)
         self._pending.add_(g)
         self._pending_tokens += tokens
-        if self._pending_tokens >= _CHUNK:
+        if self._pending_tokens >= _FLUSH:
             self._flush()
 
     def _flush(self) -> None:
@@ -139,15 +148,20 @@ def gram_matrix(flat: torch.Tensor, dtype: torch.dtype = torch.float64, *, compu
     return torch.triu(total).add_(torch.triu(total, 1).T)
 
 
-def _gram_upper(f: torch.Tensor) -> torch.Tensor:
-    """f^T f with at least the upper triangle right (the rest unspecified)."""
+def _gram_upper(f: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """f^T f with at least the upper triangle right (the rest unspecified); with `acc`
+    (an earlier result of this function), f^T f added to it in place by the GEMMs."""
     n = f.shape[1]
     if n <= 2 * _BLOCK:
-        return f.T @ f
-    g = torch.zeros(n, n, dtype=f.dtype, device=f.device)
+        return f.T @ f if acc is None else acc.addmm_(f.T, f)
+    g = torch.zeros(n, n, dtype=f.dtype, device=f.device) if acc is None else acc
     for i1 in range(0, n, _BLOCK):
         i2 = min(i1 + _BLOCK, n)
-        torch.mm(f[:, i1:i2].T, f[:, i1:], out=g[i1:i2, i1:])  # one GEMM: block row i1 of the upper part
+        # one GEMM: block row i1 of the upper part
+        if acc is None:
+            torch.mm(f[:, i1:i2].T, f[:, i1:], out=g[i1:i2, i1:])
+        else:
+            g[i1:i2, i1:].addmm_(f[:, i1:i2].T, f[:, i1:])
     return g
 
 
