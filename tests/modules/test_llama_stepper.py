@@ -85,6 +85,10 @@ def test_fused_kernel_call_equals_separate_calls():
     with torch.inference_mode():
         for got, m in zip(call(x), mods):
             assert torch.equal(got, m(x))
+        # one module (any row count): its kernel called directly, on its own packed weight
+        odd = QuantLinear.from_linear(nn.Linear(128, 96, bias=False), QuantSpec(bits=4, granularity="group",
+                                                                                group_size=32))
+        assert torch.equal(_fused([odd])(x), odd(x))
     spec = QuantSpec(bits=4, granularity="group", group_size=32)
     # not fusable: a float layer, a bias, different groups, rows not whole blocks of 64
     assert _fused([nn.Linear(128, 64), attn.k_proj]) is None

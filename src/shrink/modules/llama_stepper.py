@@ -93,9 +93,12 @@ def _fused(mods: list[nn.Module], join: int = 1):
     group, mm = first._kernel_group, fast[0][3]
     if group is not None and len(mods) > 1 and any(m.out_features % _INT4_BLOCK_N for m in mods):
         return None   # the CPU int4 layout interleaves rows in blocks of 64: only whole blocks concatenate
-    w = torch.cat([f[0] for f in fast], 0)
-    # int4 scales_and_zeros are [K / group, N, 2]; int8 scales are [N]
-    s = torch.cat([f[1] for f in fast], 1 if group is not None else 0)
+    if len(fast) == 1:   # the module's own packed weight: no copy
+        w, s = fast[0][0], fast[0][1]
+    else:
+        w = torch.cat([f[0] for f in fast], 0)
+        # int4 scales_and_zeros are [K / group, N, 2]; int8 scales are [N]
+        s = torch.cat([f[1] for f in fast], 1 if group is not None else 0)
     sizes = [sum(m.out_features for m in mods[:join])] + [m.out_features for m in mods[join:]]
     k = first.in_features
 

@@ -131,9 +131,8 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def matmul_dtype(step) -> torch.dtype | None:
-    """The dtype of the one-pass forward's matmuls (None: the model's own)."""
-    name = getattr(step, "matmul_dtype", "float32")
-    return None if name == "float32" else getattr(torch, name)
+    """The dtype of the GPTQ step's one-pass matmuls (None: the model's own)."""
+    return None if step.matmul_dtype == "float32" else getattr(torch, step.matmul_dtype)
 
 
 def _float_forward(weight: torch.Tensor, bias: torch.Tensor | None, mm: torch.dtype | None):
@@ -288,8 +287,9 @@ def run_one_pass(model: nn.Module, step, targets: list, batches: list, rec, repo
 
     if not step.true_sequential or not targets:   # none left: a resumed run past its last block
         return None
+    mm = matmul_dtype(step)
     unused = (f"; matmul_dtype {step.matmul_dtype} not applied (it is for the one-pass forward)"
-              if matmul_dtype(step) is not None else "")
+              if mm is not None else "")
     if not eligible(targets):
         rec.details["gptq_pass"] = ("two passes per block: true_sequential takes plain Linear / Conv1D layers only"
                                     + unused)
@@ -303,7 +303,6 @@ def run_one_pass(model: nn.Module, step, targets: list, batches: list, rec, repo
     resumed = sc.resumed.pos.get("groups") if sc is not None and sc.resumed is not None else None
     solver = OnePassGPTQ(model, step, step.spec(), runner, rec, report, done, len(targets), resumed)
     start, after = block_hooks(sc, runner, done, extra=lambda: {"groups": solver.groups})
-    mm = matmul_dtype(step)
     rec.details["gptq_pass"] = f"one pass per block: {why}" + (
         f"; the target layers' matmuls in {step.matmul_dtype}" if mm is not None else "")
     try:
