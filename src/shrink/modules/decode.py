@@ -30,6 +30,9 @@ import torch
 from torch import nn
 
 
+RUNTIMES = ("auto", "stepper", "compiled", "transformers")
+
+
 @dataclass(frozen=True)
 class DecodeResult:
     """tokens: [batch, prompt + new] (the prompt included). prefill_s: the prompt's
@@ -39,7 +42,7 @@ class DecodeResult:
     new_tokens: int
     prefill_s: float
     decode_s: float
-    runtime: str = "transformers"   # "stepper" (LlamaStepper) or "transformers" (the model's forward)
+    runtime: str = "transformers"   # "stepper" (LlamaStepper), "compiled" (its compiled step) or "transformers"
     runtime_note: str | None = None  # why the stepper was not used, when it was not
 
     @property
@@ -86,7 +89,10 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
     runtime: "auto" runs shrink's LlamaStepper (llama_stepper.py: the same arithmetic with
     less per-token overhead) when the model is a Llama it can take, else the model's own
     forward with a DynamicCache ("transformers"); "stepper" insists on the stepper (a
-    ValueError says why a model cannot take it); "transformers" never uses it. The result
+    ValueError says why a model cannot take it); "compiled" is the stepper with its one-token
+    steps compiled by torch.compile (llama_compiled.py: the first decode step of a new shape
+    compiles, tens of seconds; values equal to float rounding, not bit for bit; a ValueError
+    says why a model cannot take it); "transformers" never uses it. The result
     says which ran (`runtime`) and why not the stepper (`runtime_note`)."""
     from shrink.modules.llama_stepper import LlamaStepper, why_not
 
@@ -94,20 +100,22 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
         raise ValueError("greedy_decode: input_ids must be a [batch, prompt] tensor with at least one token")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"greedy_decode: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if runtime not in ("auto", "stepper", "transformers"):
-        raise ValueError(f"greedy_decode: runtime must be 'auto', 'stepper' or 'transformers', got {runtime!r}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"greedy_decode: runtime must be one of {', '.join(map(repr, RUNTIMES))}, got {runtime!r}")
     note = "runtime='transformers' was asked for" if runtime == "transformers" else why_not(model)
-    if runtime == "stepper" and note is not None:
+    if runtime in ("stepper", "compiled") and note is not None:
         raise ValueError(f"greedy_decode: the stepper cannot run this model: {note}")
     if note is None:
-        step = LlamaStepper(model, int(input_ids.shape[0]), int(input_ids.shape[1]) + max_new_tokens).step
+        step = LlamaStepper(model, int(input_ids.shape[0]), int(input_ids.shape[1]) + max_new_tokens,
+                            compile=runtime == "compiled").step
     else:
         step = _transformers_step(model, input_ids.device)
     tokens, prefill_s, decode_s = _greedy_loop(step, input_ids, max_new_tokens, eos_token_id, threads)
     n_prompt = int(input_ids.shape[1])
     return DecodeResult(tokens=tokens, prompt_tokens=n_prompt, new_tokens=int(tokens.shape[1]) - n_prompt,
                         prefill_s=prefill_s, decode_s=decode_s,
-                        runtime="stepper" if note is None else "transformers", runtime_note=note)
+                        runtime=("compiled" if runtime == "compiled" else "stepper") if note is None else "transformers",
+                        runtime_note=note)
 
 
 def _transformers_step(model: nn.Module, device: torch.device):

@@ -76,11 +76,11 @@ def why_not(model: nn.Module) -> str | None:
     return None
 
 
-def _fused(mods: list[nn.Module], join: int = 1):
-    """One kernel call computing every module of `mods` (same input), or None when they are
-    not all QuantLinear layers on the same CPU kernel with the same group and no bias.
-    For a single module: the kernel call without the module's own call and checks.
-    join: the first `join` modules' outputs come back as one tensor (a view of the kernel's)."""
+def kernel_parts(mods: list[nn.Module]):
+    """(kernel op, packed weight, scales, group or None for int8) computing every module of
+    `mods` (same input) in one call, or None when they are not all bias-free QuantLinear
+    layers on the same CPU kernel with the same group. One module: its own packed weight
+    (no copy); several: their packed weights and scales concatenated."""
     from shrink.modules.quant_linear import QuantLinear
 
     if not all(type(m) is QuantLinear for m in mods):
@@ -93,12 +93,22 @@ def _fused(mods: list[nn.Module], join: int = 1):
     group, mm = first._kernel_group, fast[0][3]
     if group is not None and len(mods) > 1 and any(m.out_features % _INT4_BLOCK_N for m in mods):
         return None   # the CPU int4 layout interleaves rows in blocks of 64: only whole blocks concatenate
-    if len(fast) == 1:   # the module's own packed weight: no copy
-        w, s = fast[0][0], fast[0][1]
-    else:
-        w = torch.cat([f[0] for f in fast], 0)
-        # int4 scales_and_zeros are [K / group, N, 2]; int8 scales are [N]
-        s = torch.cat([f[1] for f in fast], 1 if group is not None else 0)
+    if len(fast) == 1:
+        return mm, fast[0][0], fast[0][1], group
+    # int4 scales_and_zeros are [K / group, N, 2]; int8 scales are [N]
+    return (mm, torch.cat([f[0] for f in fast], 0),
+            torch.cat([f[1] for f in fast], 1 if group is not None else 0), group)
+
+
+def _fused(mods: list[nn.Module], join: int = 1):
+    """One kernel call computing every module of `mods` (kernel_parts), or None.
+    For a single module: the kernel call without the module's own call and checks.
+    join: the first `join` modules' outputs come back as one tensor (a view of the kernel's)."""
+    parts = kernel_parts(mods)
+    if parts is None:
+        return None
+    mm, w, s, group = parts
+    first = mods[0]
     sizes = [sum(m.out_features for m in mods[:join])] + [m.out_features for m in mods[join:]]
     k = first.in_features
 
@@ -143,7 +153,9 @@ def _qkv_calls(attn: nn.Module):
 class LlamaStepper:
     """Decode state for one batch of sequences (no padding), positions 0 .. max_len - 1."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int):
+    def __init__(self, model: nn.Module, batch: int, max_len: int, compile: bool = False):
+        """compile: decode steps (one token each) run llama_compiled's torch.compile'd step
+        (a ValueError says why a model cannot take it); the prompt still runs eagerly."""
         why = why_not(model)
         if why is not None:
             raise ValueError(f"LlamaStepper: {why}")
@@ -166,12 +178,20 @@ class LlamaStepper:
                 s[:, : hd // 2] = -s[:, : hd // 2]   # rotate_half(x) * sin == swap_halves(x) * sin'
                 self.rope[hd] = (c[:, None], s[:, None])
             nh, nkv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-            cache = torch.zeros(2, batch, nkv, self.max_len, hd, dtype=dtype, device=device)
+            kc, vc = (torch.zeros(batch, nkv, self.max_len, hd, dtype=dtype, device=device) for _ in range(2))
             self.layers.append((layer.input_layernorm, _qkv_calls(attn),
                                 _calls([attn.o_proj]), layer.post_attention_layernorm,
                                 _calls([mlp.gate_proj, mlp.up_proj]), _calls([mlp.down_proj]),
-                                nh, nkv, hd, float(attn.scaling), cache[0], cache[1]))
+                                nh, nkv, hd, float(attn.scaling), kc, vc))
         self.pos = 0
+        self._plan = None
+        if compile:
+            from shrink.modules.llama_compiled import plan
+
+            self._plan, why = plan(self)
+            if why is not None:
+                raise ValueError(f"LlamaStepper(compile=True): {why}")
+            self._pos_t = torch.zeros(1, dtype=torch.int64, device=device)
 
     @staticmethod
     def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -189,6 +209,13 @@ class LlamaStepper:
         if end > self.max_len:
             raise ValueError(f"LlamaStepper: position {end} is past the {self.max_len} the cache was made for")
         x = self.inner.embed_tokens(ids)
+        if t == 1 and self._plan is not None:
+            from shrink.modules.llama_compiled import compiled_decode
+
+            self._pos_t.fill_(start)
+            logits = compiled_decode()(x, self._pos_t, self._plan)
+            self.pos = end
+            return logits
         rope = {hd: (c[start:end], s[start:end]) for hd, (c, s) in self.rope.items()}
         causal = t > 1
         for n1, qkv, o, n2, gu, down, nh, nkv, hd, scale, kc, vc in self.layers:

@@ -1,0 +1,109 @@
+"""LlamaStepper(compile=True): the torch.compile'd decode step computes what transformers does.
+
+Logits of every step against the model's own forward with a DynamicCache (to float
+rounding: inductor may sum in another order), greedy tokens equal to generate(), one
+compiled graph reused by a second stepper of the same shapes (no recompile), and the
+models it must refuse with a reason. Each new shape compiles C++ (tens of seconds), so
+the models here share two shapes.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from shrink.modules import QuantLinear, greedy_decode
+from shrink.modules.llama_stepper import LlamaStepper
+from shrink.quant import QuantSpec
+from tests_support import tiny_llama
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                reason="torch.compile's CPU backend needs a C++ compiler")
+
+SPEC4 = QuantSpec(bits=4, granularity="group", group_size=32)
+
+
+def _model(bits: int, head: bool = False):
+    torch.manual_seed(0)
+    model = tiny_llama(hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    model.generation_config.eos_token_id = None
+    spec = SPEC4 if bits == 4 else QuantSpec(bits=8)
+    for block in model.model.layers:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, QuantLinear.from_linear(child, spec))
+    if head:
+        model.lm_head = QuantLinear.from_linear(model.lm_head, spec)
+    return model
+
+
+def _logits(model, ids, new, compile):
+    st = LlamaStepper(model, ids.shape[0], ids.shape[1], compile=compile)
+    out = [st.step(ids[:, :-new])]
+    for i in range(ids.shape[1] - new, ids.shape[1] - 1):
+        out.append(st.step(ids[:, i:i + 1]))
+    return torch.cat(out, 1)
+
+
+def _reference(model, ids, new):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = [model(input_ids=ids[:, :-new], past_key_values=cache, use_cache=True).logits[:, -1:]]
+    for i in range(ids.shape[1] - new, ids.shape[1] - 1):
+        out.append(model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("bits,head", [(4, False), (8, True)])
+def test_compiled_logits_match_transformers_and_the_graph_is_reused(bits, head):
+    from torch._dynamo.utils import counters
+
+    model = _model(bits, head)
+    ids = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = _reference(model, ids, 8)
+        eager = _logits(model, ids, 8, compile=False)
+        got = _logits(model, ids, 8, compile=True)
+        frames = counters["frames"]["ok"]
+        # a second stepper and a second model of the same shapes: no new graph
+        again = _logits(model, ids, 8, compile=True)
+        other = _model(bits, head)
+        _logits(other, ids, 8, compile=True)
+        assert counters["frames"]["ok"] == frames, "a new stepper of the same shapes recompiled"
+    assert got.shape == ref.shape == (2, 8, 128)
+    err = (got - ref).abs().max().item() / ref.abs().max().item()
+    assert err <= 1e-5, f"int{bits}: compiled logits differ from transformers' by {err:.3g}"
+    assert torch.equal(again, got)
+    # the prompt runs eagerly: the first position is the eager stepper's exactly
+    assert torch.equal(got[:, 0], eager[:, 0])
+
+
+def test_greedy_decode_compiled_tokens_equal_generate():
+    model = _model(4)
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(4))
+    res = greedy_decode(model, ids, 12, runtime="compiled")
+    assert res.runtime == "compiled" and res.runtime_note is None
+    with torch.inference_mode():
+        gen = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(res.tokens, gen)
+
+
+def test_compiled_refuses_layers_it_cannot_take():
+    model = _model(4)
+    # a QuantLinear on the dequantize path (no kernel) and a bias on a fused group
+    model.model.layers[1].mlp.down_proj = QuantLinear.from_linear(nn.Linear(192, 128, bias=False), SPEC4,
+                                                                  kernel="reference")
+    with pytest.raises(ValueError, match="compile=True.*QuantLinear"):
+        LlamaStepper(model, 1, 8, compile=True)
+    LlamaStepper(model, 1, 8)   # the eager stepper still takes it
+    ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="compile=True"):
+        greedy_decode(model, ids, 3, runtime="compiled")
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        greedy_decode(model, ids, 3, runtime="fast")
