@@ -1,7 +1,11 @@
 """GPTQ W4 g128 on the 374M Llama of issue 9: shrink against llm-compressor.
 
     .venv/bin/python bench/bench_peers_gptq.py [--with-llmc] [--profile] [--device cuda] [--gptq KEY=VALUE ...]
-        [--propagate kernel|fp32]
+        [--propagate kernel|fp32] [--trained STEPS]
+
+--trained STEPS runs everything on the model briefly trained by
+bench/train_llama374m.py (cached under --work; ~25 minutes to make once)
+instead of the random-init one described below.
 
 --device cuda runs shrink's GPTQ with the model on a GPU (no peer there).
 --propagate fp32 installs each quantized layer with the dequantize-in-fp32
@@ -265,6 +269,9 @@ def main() -> None:
     ap.add_argument("--skip-shrink", action="store_true")
     ap.add_argument("--profile", action="store_true", help="cProfile shrink's run and print where the time goes")
     ap.add_argument("--head-scale", type=float, default=6.0)
+    ap.add_argument("--trained", type=int, metavar="STEPS",
+                    help="use the model briefly trained by bench/train_llama374m.py for STEPS steps (trains it "
+                         "first if it is not cached; --head-scale is then ignored)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
@@ -286,7 +293,11 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    path = model_dir(work, args.head_scale)
+    if args.trained:
+        from train_llama374m import train
+        path = train(work, args.trained)
+    else:
+        path = model_dir(work, args.head_scale)
     toks = make_tokens(args.samples, args.heldout, args.seq)
     tokens_file = work / f"tokens-{args.samples}x{args.seq}-{args.heldout}.pt"
     torch.save(toks, tokens_file)
@@ -294,7 +305,8 @@ def main() -> None:
     ref_model = load_float(path).to(args.device)
     ref = reference_logprobs(ref_model, toks["heldout"])
     del ref_model
-    print(f"# GPTQ W4 g128 asym, 374M Llama (lm_head x{args.head_scale:g}), {args.samples}x{args.seq} calibration "
+    which = f"trained {args.trained} steps" if args.trained else f"random init, lm_head x{args.head_scale:g}"
+    print(f"# GPTQ W4 g128 asym, 374M Llama ({which}), {args.samples}x{args.seq} calibration "
           f"tokens, KL over {args.heldout}x{args.seq} held-out; {datetime.date.today()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()}")
     print(f"float model: mean next-token entropy {mean_entropy(ref):.3f} nats; "
