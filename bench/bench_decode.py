@@ -11,7 +11,10 @@ keeps its codes and scales, and skips its casts since its input is already bf16)
 Each variant runs twice per round: greedy_decode(runtime="transformers") (the model's own
 forward with a DynamicCache) and runtime="stepper" (shrink.modules.llama_stepper: the same
 arithmetic with a preallocated cache, precomputed rotary tables and fused q/k/v and gate/up
-kernel calls); "same tokens" says whether both produced the same 64 tokens.
+kernel calls); "same tokens" says whether both produced the same 64 tokens. With
+--compiled the int4 variants also run runtime="compiled" (the stepper's one-token steps
+compiled by torch.compile, shrink.modules.llama_compiled; compiled once per variant in
+the warm-up, which is reported and not counted), and "same tokens" covers it too.
 
 Speeds are decode tokens/s after the prompt (prompt processing excluded, as
 llama.cpp's "tg"), measured with shrink.modules.greedy_decode, and with
@@ -80,28 +83,34 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="round-robin rounds (median reported)")
     ap.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
     ap.add_argument("--no-fp", action="store_true", help="skip the fp32 and bf16 baselines")
+    ap.add_argument("--compiled", action="store_true", help="also runtime='compiled' for the int4 variants")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     models = variants(not args.no_fp)
     ids = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     gen_names = [n for n in ("fp32", "int4, lm_head fp32", "int4, lm_head int4") if n in models]
-    runtimes = ("transformers", "stepper")
-    for m in models.values():  # warm-up: first calls allocate and pack
-        for rt in runtimes:
+    runs = {n: ("transformers", "stepper") + (("compiled",) if args.compiled and n.startswith("int4") else ())
+            for n in models}
+    for name, m in models.items():  # warm-up: first calls allocate and pack (and compile)
+        for rt in runs[name]:
+            t0 = time.perf_counter()
             greedy_decode(m, ids, 4, threads=threads[0], runtime=rt)
-    tps = {(n, t, rt): [] for n in models for t in threads for rt in runtimes}
+            if rt == "compiled":
+                print(f"# {name}: first compiled decode (compiling) {time.perf_counter() - t0:.0f} s", flush=True)
+    tps = {(n, t, rt): [] for n in models for t in threads for rt in runs[n]}
     gen = {(n, t): [] for n in gen_names for t in threads}
     ref_tokens, agree, same = {}, {}, {}
     loads = []
     for _ in range(args.repeat):
         for t in threads:
             for name, m in models.items():
-                for rt in runtimes:
+                for rt in runs[name]:
                     res = greedy_decode(m, ids, args.new, threads=t, runtime=rt)
                     tps[(name, t, rt)].append(res.tokens_per_s)
                     ref_tokens.setdefault((name, rt), res.tokens)
                     agree[(name, rt)] = torch.equal(ref_tokens[(name, rt)], res.tokens)
-                same[name] = torch.equal(ref_tokens[(name, "transformers")], ref_tokens[(name, "stepper")])
+                same[name] = all(torch.equal(ref_tokens[(name, "transformers")], ref_tokens[(name, rt)])
+                                 for rt in runs[name])
             for name in gen_names:
                 gen[(name, t)].append(generate_tps(models[name], ids, args.new, t))
             loads.append(os.getloadavg()[0])
@@ -111,14 +120,17 @@ def main() -> None:
           f"load average (1 min) during the rounds {min(loads):.1f}-{max(loads):.1f}")
     base = {t: statistics.median(tps[("fp32", t, "transformers")]) for t in threads} if "fp32" in models else None
     print("| model | threads | decode tok/s, transformers forward | decode tok/s, LlamaStepper | stepper speed-up "
-          "| stepper vs fp32 (transformers) | same tokens | generate() tok/s, prompt included |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| decode tok/s, compiled | compiled speed-up | stepper vs fp32 (transformers) | same tokens "
+          "| generate() tok/s, prompt included |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for t in threads:
         for name in models:
-            v, w = (statistics.median(tps[(name, t, rt)]) for rt in runtimes)
+            v, w = (statistics.median(tps[(name, t, rt)]) for rt in ("transformers", "stepper"))
+            c = statistics.median(tps[(name, t, "compiled")]) if "compiled" in runs[name] else None
+            cs = (f"{c:.1f}", f"{c / v:.2f}x") if c else ("-", "-")
             ratio = f"{w / base[t]:.2f}x" if base else "-"
             g = f"{statistics.median(gen[(name, t)]):.1f}" if (name, t) in gen else "-"
-            print(f"| {name} | {t} | {v:.1f} | {w:.1f} | {w / v:.2f}x | {ratio} | {same[name]} | {g} |")
+            print(f"| {name} | {t} | {v:.1f} | {w:.1f} | {w / v:.2f}x | {cs[0]} | {cs[1]} | {ratio} | {same[name]} | {g} |")
     if not all(agree.values()):
         print("# warning: a variant produced different tokens in different rounds")
 

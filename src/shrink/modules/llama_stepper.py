@@ -38,6 +38,9 @@ _LAYER_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+# the compiled step's KV cache holds a multiple of this many positions
+_COMPILED_LEN = 256
+
 # rows of the CPU int4pack layout that are stored together (checked by the tests: a module of
 # out_features not a multiple of this gives wrong values when concatenated)
 _INT4_BLOCK_N = 64
@@ -164,7 +167,10 @@ class LlamaStepper:
         emb = inner.embed_tokens.weight
         dtype, device = emb.dtype, emb.device
         self.max_len = int(max_len)
-        positions = torch.arange(self.max_len, device=device)[None]
+        # the compiled step has fixed shapes: its cache is rounded up so that decodes of
+        # similar lengths share one compiled graph (the positions past max_len stay masked)
+        length = -(-self.max_len // _COMPILED_LEN) * _COMPILED_LEN if compile else self.max_len
+        positions = torch.arange(length, device=device)[None]
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dtype, device=device), positions)
         self.layers = []
         self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # head dim -> cos, sin [max_len, 1, hd]
@@ -178,7 +184,7 @@ class LlamaStepper:
                 s[:, : hd // 2] = -s[:, : hd // 2]   # rotate_half(x) * sin == swap_halves(x) * sin'
                 self.rope[hd] = (c[:, None], s[:, None])
             nh, nkv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-            kc, vc = (torch.zeros(batch, nkv, self.max_len, hd, dtype=dtype, device=device) for _ in range(2))
+            kc, vc = (torch.zeros(batch, nkv, length, hd, dtype=dtype, device=device) for _ in range(2))
             self.layers.append((layer.input_layernorm, _qkv_calls(attn),
                                 _calls([attn.o_proj]), layer.post_attention_layernorm,
                                 _calls([mlp.gate_proj, mlp.up_proj]), _calls([mlp.down_proj]),
@@ -186,11 +192,12 @@ class LlamaStepper:
         self.pos = 0
         self._plan = None
         if compile:
-            from shrink.modules.llama_compiled import plan
+            from shrink.modules.llama_compiled import compiled_decode, plan
 
             self._plan, why = plan(self)
             if why is not None:
                 raise ValueError(f"LlamaStepper(compile=True): {why}")
+            self._compiled = compiled_decode(self._plan)
             self._pos_t = torch.zeros(1, dtype=torch.int64, device=device)
 
     @staticmethod
@@ -210,10 +217,8 @@ class LlamaStepper:
             raise ValueError(f"LlamaStepper: position {end} is past the {self.max_len} the cache was made for")
         x = self.inner.embed_tokens(ids)
         if t == 1 and self._plan is not None:
-            from shrink.modules.llama_compiled import compiled_decode
-
             self._pos_t.fill_(start)
-            logits = compiled_decode()(x, self._pos_t, self._plan)
+            logits = self._compiled(x, self._pos_t, self._plan)
             self.pos = end
             return logits
         rope = {hd: (c[start:end], s[start:end]) for hd, (c, s) in self.rope.items()}
