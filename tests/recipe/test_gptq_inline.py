@@ -203,3 +203,27 @@ def test_float_replay_with_bf16_matmuls():
     want = torch.nn.functional.linear(x.bfloat16(), dequantize(qt).float().bfloat16()).float() + layer.bias
     assert y.dtype == torch.float32 and torch.equal(y, want)
     assert not torch.equal(y, torch.nn.functional.linear(x, dequantize(qt).float(), layer.bias))
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_scale_dtype_float32_keeps_scales_unrounded(true_sequential):
+    """scale_dtype: float32 stores group scales and zero-points in float32 (no float16
+    rounding up): layer 0's q/k/v codes are GPTQ's with that spec."""
+    model = tiny_llama(num_hidden_layers=1)
+    batches = _batches()
+    gp = {"bits": 4, "group_size": 16, "true_sequential": true_sequential}
+    f16 = compress(model, [{"gptq": gp}], calibration=batches, measure_speed=False)
+    res = compress(model, [{"gptq": {**gp, "scale_dtype": "float32"}}], calibration=batches, measure_speed=False)
+    a = "model.layers.0.self_attn."
+    q32, q16 = res.model.get_submodule(a + "q_proj").to_qtensor(), f16.model.get_submodule(a + "q_proj").to_qtensor()
+    assert q32.scale.dtype == torch.float32 and q16.scale.dtype == torch.float16
+    assert not torch.equal(q32.scale, q32.scale.half().float())   # some scale is not a float16 value
+    x = _inputs(model, [a + "q_proj"], torch.cat(batches))[a + "q_proj"]
+    w = torch.cat([model.get_submodule(a + p).weight.detach() for p in ("q_proj", "k_proj", "v_proj")])
+    spec32 = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16, axis=0, scale_dtype=torch.float32)
+    ref = gptq(w, _hessian(x), spec32).qtensor
+    assert torch.equal(q32.int_codes(), ref.int_codes()[: q32.shape[0]])
+    # dynamic groups take scales from updated columns: equal up to the Hessians' summation order
+    torch.testing.assert_close(q32.scale, ref.scale[: q32.shape[0]], rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="scale_dtype must be one of float16, float32, bfloat16"):
+        compress(model, [{"gptq": {"scale_dtype": "fp8"}}], calibration=batches, measure_speed=False)
