@@ -39,6 +39,32 @@ def tiny_llama(**kw):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **kw})).eval()
 
 
+def cached_forward_logits(model, ids, new_tokens):
+    """Teacher-forced last-position logits [b, new_tokens, vocab] of a transformers causal LM:
+    the prompt ids[:, :-new_tokens], then one token at a time with a DynamicCache."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = [model(input_ids=ids[:, :-new_tokens], past_key_values=cache, use_cache=True).logits[:, -1:]]
+    for i in range(ids.shape[1] - new_tokens, ids.shape[1] - 1):
+        out.append(model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(out, 1)
+
+
+def stepper_logits(model, ids, new_tokens, compile=False):
+    """The same chain through shrink's LlamaStepper (compile: its compiled one-token step)."""
+    import torch
+
+    from shrink.modules.llama_stepper import LlamaStepper
+
+    st = LlamaStepper(model, ids.shape[0], ids.shape[1], compile=compile)
+    out = [st.step(ids[:, :-new_tokens])]
+    for i in range(ids.shape[1] - new_tokens, ids.shape[1] - 1):
+        out.append(st.step(ids[:, i:i + 1]))
+    return torch.cat(out, 1)
+
+
 def tiny_gpt2(**kw):
     import torch
     import transformers

@@ -17,7 +17,7 @@ from torch import nn
 from shrink.modules import QuantLinear, greedy_decode
 from shrink.modules.llama_stepper import LlamaStepper
 from shrink.quant import QuantSpec
-from tests_support import tiny_llama
+from tests_support import cached_forward_logits, stepper_logits, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
@@ -44,24 +44,6 @@ def _model(bits: int, head: bool = False):
     return model
 
 
-def _logits(model, ids, new, compile):
-    st = LlamaStepper(model, ids.shape[0], ids.shape[1], compile=compile)
-    out = [st.step(ids[:, :-new])]
-    for i in range(ids.shape[1] - new, ids.shape[1] - 1):
-        out.append(st.step(ids[:, i:i + 1]))
-    return torch.cat(out, 1)
-
-
-def _reference(model, ids, new):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    out = [model(input_ids=ids[:, :-new], past_key_values=cache, use_cache=True).logits[:, -1:]]
-    for i in range(ids.shape[1] - new, ids.shape[1] - 1):
-        out.append(model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
-    return torch.cat(out, 1)
-
-
 # fp32 (nn.Linear) agrees to fp32 rounding; the int4/int8 kernels take bf16 activations, so a
 # last-bit difference in a layer's fp32 input (another summation order) can flip one bf16
 # rounding of it: differences of ~1e-3 of the logits' range, as between any two fp32 orders.
@@ -72,17 +54,17 @@ def test_compiled_logits_match_transformers_and_the_graph_is_reused(bits, head, 
     model = _model(bits, head)
     ids = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        ref = _reference(model, ids, 8)
-        eager = _logits(model, ids, 8, compile=False)
-        got = _logits(model, ids, 8, compile=True)
+        ref = cached_forward_logits(model, ids, 8)
+        eager = stepper_logits(model, ids, 8, compile=False)
+        got = stepper_logits(model, ids, 8, compile=True)
         frames = counters["frames"]["ok"]
         # a second stepper and a second model of the same shapes: no new graph
-        again = _logits(model, ids, 8, compile=True)
+        again = stepper_logits(model, ids, 8, compile=True)
         other = _model(bits, head)
-        _logits(other, ids, 8, compile=True)
+        stepper_logits(other, ids, 8, compile=True)
         # another length in the same 256-position bucket
         longer = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(3))
-        _logits(model, longer, 20, compile=True)
+        stepper_logits(model, longer, 20, compile=True)
         assert counters["frames"]["ok"] == frames, "a new stepper of the same shapes recompiled"
     assert got.shape == ref.shape == (2, 8, 128)
     err = (got - ref).abs().max().item() / ref.abs().max().item()
@@ -128,6 +110,8 @@ def test_one_compiled_function_per_signature():
         d = LlamaStepper(model, 2, 20, compile=True)        # another batch size
     assert a._plan["layers"][0][-3].shape[2] == b._plan["layers"][0][-3].shape[2] == 256
     assert c._plan["layers"][0][-3].shape[2] == 512
+    # the plan takes the eager calls' fused q/k/v and gate/up weights, not second copies
+    assert a._plan["layers"][0][2][1] is a.parts[0][0][1] and a._plan["layers"][0][4][1] is a.parts[0][2][1]
     assert _signature(a._plan) == _signature(b._plan) and a._compiled is b._compiled
     assert len({_signature(x._plan) for x in (a, c, d)}) == 3
     assert len({id(compiled_decode(x._plan)) for x in (a, c, d)}) == 3

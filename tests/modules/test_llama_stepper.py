@@ -14,7 +14,7 @@ from torch import nn
 from shrink.modules import QuantLinear, greedy_decode
 from shrink.modules.llama_stepper import LlamaStepper, _fused, why_not
 from shrink.quant import QuantSpec
-from tests_support import tiny_gpt2, tiny_llama
+from tests_support import cached_forward_logits, stepper_logits, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,25 +36,6 @@ def _llama(**kw):
     return tiny_llama(**{**cfg, **kw})
 
 
-def _reference_logits(model, ids, new_tokens):
-    """Teacher-forced: the model's forward with a DynamicCache over the same token chain."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    out = [model(input_ids=ids[:, :-new_tokens], past_key_values=cache, use_cache=True).logits[:, -1:]]
-    for i in range(ids.shape[1] - new_tokens, ids.shape[1] - 1):
-        out.append(model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
-    return torch.cat(out, 1)
-
-
-def _stepper_logits(model, ids, new_tokens):
-    st = LlamaStepper(model, ids.shape[0], ids.shape[1])
-    out = [st.step(ids[:, :-new_tokens])]
-    for i in range(ids.shape[1] - new_tokens, ids.shape[1] - 1):
-        out.append(st.step(ids[:, i:i + 1]))
-    return torch.cat(out, 1)
-
-
 @pytest.mark.parametrize("variant", ["fp32", "int4", "int8", "bf16", "int4 bf16", "mha"])
 def test_logits_match_transformers(variant):
     model = _llama(num_key_value_heads=4) if variant == "mha" else _llama()
@@ -67,8 +48,8 @@ def test_logits_match_transformers(variant):
     assert why_not(model) is None
     ids = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        ref = _reference_logits(model, ids, 8).float()
-        got = _stepper_logits(model, ids, 8).float()
+        ref = cached_forward_logits(model, ids, 8).float()
+        got = stepper_logits(model, ids, 8).float()
     assert got.shape == ref.shape == (2, 8, 128)
     tol = 2e-2 if "bf16" in variant else 1e-5
     err = (got - ref).abs().max().item() / ref.abs().max().item()
@@ -126,8 +107,8 @@ def test_heads_pruned_per_layer():
     assert why_not(model) is None
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
-        ref = _reference_logits(model, ids, 5)
-        got = _stepper_logits(model, ids, 5)
+        ref = cached_forward_logits(model, ids, 5)
+        got = stepper_logits(model, ids, 5)
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 

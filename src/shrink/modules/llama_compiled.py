@@ -18,8 +18,8 @@ processes faster). Each signature has its own graph (compiled_decode).
 
 Projections it takes: bias-free QuantLinear layers on the CPU int4/int8 kernels
 (llama_stepper.kernel_parts; q/k/v and gate/up fused) and plain nn.Linear. Anything else
-(LoRA, sparse, the dequantize path) makes `plan()` return a reason instead, and the
-stepper stays eager. The arithmetic is the eager stepper's, but inductor's generated
+(LoRA, sparse, the dequantize path) makes `plan()` return a reason instead, which
+LlamaStepper(compile=True) raises as a ValueError (the eager stepper still takes them). The arithmetic is the eager stepper's, but inductor's generated
 loops (and attention over the masked, longer cache) may sum in another order, so values
 agree to float rounding rather than bit for bit: ~1e-7 relative for fp32 layers, and up
 to ~1e-3 of the logits' range with the int4/int8 kernels, whose bf16 activations turn a
@@ -38,12 +38,11 @@ _LINEAR = "linear"
 _compiled: dict = {}
 
 
-def _proj_parts(mods: list[nn.Module]):
-    """(kind, a, b, group) for the projections of one input, or a reason string."""
-    from shrink.modules.llama_stepper import kernel_parts
+def _proj_parts(mods: list[nn.Module], parts):
+    """(kind, a, b, group) for the projections of one input (parts: the stepper's
+    kernel_parts of them, or None), or a reason string."""
     from shrink.modules.quant_linear import _INT4_MM, _INT8_MM
 
-    parts = kernel_parts(mods)
     if parts is not None:
         mm, w, s, group = parts
         if mm is _INT4_MM and group is not None:
@@ -69,16 +68,20 @@ def plan(stepper) -> tuple[dict | None, str | None]:
     """(what the compiled step needs, None) or (None, why the stepper cannot be compiled)."""
     inner = stepper.inner
     layers = []
-    for layer, (n1, _qkv, _o, n2, _gu, _down, nh, nkv, hd, scale, kc, vc) in zip(inner.layers, stepper.layers):
+    for layer, parts, (n1, _qkv, _o, n2, _gu, _down, nh, nkv, hd, scale, kc, vc) in zip(
+            inner.layers, stepper.parts, stepper.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        projs = [_proj_parts([attn.q_proj, attn.k_proj, attn.v_proj]), _proj_parts([attn.o_proj]),
-                 _proj_parts([mlp.gate_proj, mlp.up_proj]), _proj_parts([mlp.down_proj])]
+        groups = ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
+                  [mlp.down_proj])
+        projs = [_proj_parts(g, pt) for g, pt in zip(groups, parts)]
         bad = next((p for p in projs if isinstance(p, str)), None)
         if bad is not None:
             return None, bad
         layers.append((n1.weight, float(n1.variance_epsilon), *projs, n2.weight, float(n2.variance_epsilon),
                        kc, vc, (nh, nkv, hd, scale, attn.q_proj.out_features, mlp.gate_proj.out_features)))
-    head = _proj_parts([stepper.model.lm_head])
+    from shrink.modules.llama_stepper import kernel_parts
+
+    head = _proj_parts([stepper.model.lm_head], kernel_parts([stepper.model.lm_head]))
     if isinstance(head, str):
         return None, f"lm_head: {head}"
     if stepper.model.lm_head.in_features != inner.norm.weight.shape[0]:

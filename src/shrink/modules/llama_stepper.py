@@ -103,11 +103,15 @@ def kernel_parts(mods: list[nn.Module]):
             torch.cat([f[1] for f in fast], 1 if group is not None else 0), group)
 
 
-def _fused(mods: list[nn.Module], join: int = 1):
-    """One kernel call computing every module of `mods` (kernel_parts), or None.
-    For a single module: the kernel call without the module's own call and checks.
+_UNSET = object()
+
+
+def _fused(mods: list[nn.Module], join: int = 1, parts=_UNSET):
+    """One kernel call computing every module of `mods` (kernel_parts, or `parts` when the
+    caller already has them), or None. For a single module: the kernel call without the
+    module's own call and checks.
     join: the first `join` modules' outputs come back as one tensor (a view of the kernel's)."""
-    parts = kernel_parts(mods)
+    parts = kernel_parts(mods) if parts is _UNSET else parts
     if parts is None:
         return None
     mm, w, s, group = parts
@@ -135,18 +139,18 @@ def _separate(mods: list[nn.Module]):
     return lambda x: tuple(m(x) for m in mods)
 
 
-def _calls(mods: list[nn.Module]):
-    """A callable of the modules' common input: one fused kernel call where possible, else
-    each module called; it returns a tuple for several modules, a tensor for one."""
-    fused = _fused(mods)
+def _calls(mods: list[nn.Module], parts):
+    """A callable of the modules' common input: one fused kernel call where possible (parts:
+    their kernel_parts), else each module called; a tuple for several modules, a tensor for one."""
+    fused = _fused(mods, parts=parts)
     if fused is not None:
         return fused
     return _separate(mods) if len(mods) > 1 else mods[0]
 
 
-def _qkv_calls(attn: nn.Module):
+def _qkv_calls(attn: nn.Module, parts):
     """x -> (q and k side by side on the last dim, v): the rotary step takes q and k together."""
-    fused = _fused([attn.q_proj, attn.k_proj, attn.v_proj], join=2)
+    fused = _fused([attn.q_proj, attn.k_proj, attn.v_proj], join=2, parts=parts)
     if fused is not None:
         return fused
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
@@ -173,6 +177,9 @@ class LlamaStepper:
         positions = torch.arange(length, device=device)[None]
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dtype, device=device), positions)
         self.layers = []
+        # per layer: the kernel_parts of q/k/v, o, gate/up, down (None where not on a CPU
+        # kernel), made once and shared by the eager calls and the compiled plan
+        self.parts = []
         self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # head dim -> cos, sin [max_len, 1, hd]
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -185,9 +192,13 @@ class LlamaStepper:
                 self.rope[hd] = (c[:, None], s[:, None])
             nh, nkv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
             kc, vc = (torch.zeros(batch, nkv, length, hd, dtype=dtype, device=device) for _ in range(2))
-            self.layers.append((layer.input_layernorm, _qkv_calls(attn),
-                                _calls([attn.o_proj]), layer.post_attention_layernorm,
-                                _calls([mlp.gate_proj, mlp.up_proj]), _calls([mlp.down_proj]),
+            groups = ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
+                      [mlp.down_proj])
+            parts = tuple(kernel_parts(g) for g in groups)
+            self.parts.append(parts)
+            self.layers.append((layer.input_layernorm, _qkv_calls(attn, parts[0]),
+                                _calls(groups[1], parts[1]), layer.post_attention_layernorm,
+                                _calls(groups[2], parts[2]), _calls(groups[3], parts[3]),
                                 nh, nkv, hd, float(attn.scaling), kc, vc))
         self.pos = 0
         self._plan = None
